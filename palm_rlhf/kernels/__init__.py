@@ -1,0 +1,6 @@
+"""Triton kernels. Importing this package needs Triton; `palm_rlhf` itself does not import it until asked."""
+
+from .decode import decode_attention
+from .flash_attention import HEAD_DIMS, flash_attention, flash_attention_lse
+
+__all__ = ["flash_attention", "flash_attention_lse", "decode_attention", "HEAD_DIMS"]

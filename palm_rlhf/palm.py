@@ -1,0 +1,273 @@
+"""PaLM: a decoder-only transformer as described in https://arxiv.org/abs/2204.02311.
+
+Einsum / einops legend:
+    b batch, n sequence (i queries, j keys), h query heads, g key/value heads, d head dimension, m model dimension.
+
+Components, in the order they appear:
+    LayerNorm without bias                                 (PaLM, section 2)
+    rotary position embedding, optional xPos              https://arxiv.org/abs/2104.09864, https://arxiv.org/abs/2212.10554
+    SwiGLU feedforward                                     https://arxiv.org/abs/2002.05202
+    parallel attention + feedforward block, one pre-norm   (PaLM, section 2; GPT-J)
+    multi-query attention (one shared k/v head)            https://arxiv.org/abs/1911.02150
+    tied input / output embeddings, no biases anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from beartype import beartype
+from einops import rearrange
+from torch import Tensor, nn
+
+from .attention import BACKENDS, attend
+from .utils import exists
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class PaLMConfig:
+    num_tokens: int = 256          # bytes
+    dim: int = 512
+    depth: int = 8
+    heads: int = 8
+    dim_head: int = 64
+    kv_heads: int = 1              # 1 = multi-query; heads % kv_heads == 0 gives grouped-query
+    ff_mult: int = 4
+    max_seq_len: int = 1024        # longest sequence the model accepts (rotary itself has no hard limit)
+    rotary_base: float = 10000.0
+    xpos: bool = False             # length-extrapolatable rotary (xPos)
+    xpos_scale_base: int = 512
+    qk_norm: bool = False          # LayerNorm on q and k per head (stabilises large learning rates)
+    attn_backend: str = "auto"     # see palm_rlhf.attention
+
+    def __post_init__(self):
+        for name in ("num_tokens", "dim", "depth", "heads", "dim_head", "kv_heads", "ff_mult", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PaLMConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.heads % self.kv_heads != 0:
+            raise ValueError(f"PaLMConfig.heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.dim_head % 2 != 0:
+            raise ValueError(f"PaLMConfig.dim_head must be even for rotary embeddings, got {self.dim_head}")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"PaLMConfig.attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
+
+    @property
+    def ff_inner(self) -> int:
+        return self.dim * self.ff_mult
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PaLMConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown PaLMConfig fields {sorted(unknown)}; known fields are {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "PaLMConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS = {
+    "test": dict(dim=32, depth=2, heads=4, dim_head=8, max_seq_len=128),                # unit tests
+    "tiny": dict(dim=256, depth=4, heads=4, dim_head=64, max_seq_len=1024),             # benchmarks, PPO demo
+    "cpu": dict(dim=256, depth=6, heads=4, dim_head=64, max_seq_len=512),               # enwik8 on a laptop CPU
+    "enwik8": dict(dim=512, depth=8, heads=8, dim_head=64, max_seq_len=1024),           # lucidrains' enwik8 size
+}
+
+# ---------------------------------------------------------------------------------------------------- components
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a learned gain and no bias (PaLM)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.gamma)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding for explicit per-row positions, so left-padded batches rotate correctly."""
+
+    def __init__(self, dim_head: int, base: float = 10000.0, xpos: bool = False, xpos_scale_base: int = 512):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim_head, 2).float() / dim_head))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.xpos = xpos
+        self.xpos_scale_base = xpos_scale_base
+        xpos_scale = (torch.arange(0, dim_head, 2).float() + 0.4 * dim_head) / (1.4 * dim_head)
+        self.register_buffer("xpos_scale", xpos_scale, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """positions (b, n) -> cos, sin (b, 1, n, d) and, with xPos, the query scale (b, 1, n, d)."""
+        freqs = positions.float()[..., None] * self.inv_freq                    # (b, n, d/2)
+        freqs = torch.cat((freqs, freqs), dim=-1)[:, None]                        # (b, 1, n, d)
+        scale = None
+        if self.xpos:
+            power = (positions.float()[..., None] / self.xpos_scale_base)
+            scale = self.xpos_scale ** power
+            scale = torch.cat((scale, scale), dim=-1)[:, None]
+        return freqs.cos(), freqs.sin(), scale
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, scale: Tensor | float = 1.0) -> Tensor:
+    dtype = x.dtype
+    x = x.float()
+    return ((x * cos + rotate_half(x) * sin) * scale).to(dtype)
+
+
+class SwiGLU(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = x.chunk(2, dim=-1)
+        return F.silu(gate) * x
+
+
+class ParallelTransformerBlock(nn.Module):
+    """x + attn(norm(x)) + ff(norm(x)), with q, k, v and the feedforward input from one fused projection."""
+
+    def __init__(self, config: PaLMConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        self.norm = LayerNorm(c.dim)
+        self.fused_dims = (c.heads * c.dim_head, c.kv_heads * c.dim_head, c.kv_heads * c.dim_head, 2 * c.ff_inner)
+        self.to_fused = nn.Linear(c.dim, sum(self.fused_dims), bias=False)
+        self.q_norm = LayerNorm(c.dim_head) if c.qk_norm else None
+        self.k_norm = LayerNorm(c.dim_head) if c.qk_norm else None
+        self.swiglu = SwiGLU()
+        self.attn_out = nn.Linear(c.heads * c.dim_head, c.dim, bias=False)
+        self.ff_out = nn.Linear(c.ff_inner, c.dim, bias=False)
+
+    def forward(self, x: Tensor, rotary: tuple, kv_mask: Tensor | None = None, cache=None, layer: int = 0) -> Tensor:
+        c = self.config
+        q, k, v, ff = self.to_fused(self.norm(x)).split(self.fused_dims, dim=-1)
+        q = rearrange(q, "b n (h d) -> b h n d", h=c.heads)
+        k = rearrange(k, "b n (g d) -> b g n d", g=c.kv_heads)
+        v = rearrange(v, "b n (g d) -> b g n d", g=c.kv_heads)
+        if exists(self.q_norm):
+            q, k = self.q_norm(q), self.k_norm(k)
+
+        cos, sin, scale = rotary
+        q = apply_rotary(q, cos, sin, scale if exists(scale) else 1.0)
+        k = apply_rotary(k, cos, sin, scale.reciprocal() if exists(scale) else 1.0)
+
+        if exists(cache):
+            k, v = cache.update(layer, k, v)                                      # (b, g, j, d): all keys so far
+            kv_mask = cache.valid_mask()
+
+        out = attend(q, k, v, causal=True, kv_mask=kv_mask, backend=c.attn_backend)
+        out = rearrange(out, "b h n d -> b n (h d)")
+        return x + self.attn_out(out) + self.ff_out(self.swiglu(ff))
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+class PaLM(nn.Module):
+    @beartype
+    def __init__(self, config: PaLMConfig):
+        super().__init__()
+        self.config = config
+        self.token_emb = nn.Embedding(config.num_tokens, config.dim)
+        self.rotary = RotaryEmbedding(config.dim_head, config.rotary_base, config.xpos, config.xpos_scale_base)
+        self.layers = nn.ModuleList([ParallelTransformerBlock(config) for _ in range(config.depth)])
+        self.norm = LayerNorm(config.dim)
+        self.apply(self._init_weights)
+        for layer in self.layers:  # residual projections scaled down with depth (GPT-2)
+            for proj in (layer.attn_out, layer.ff_out):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * config.depth))
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def check_tokens(self, tokens: Tensor) -> None:
+        """Raise a clear error for input the model cannot take."""
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+        if tokens.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise ValueError(f"tokens must be an integer tensor (torch.long), got {tokens.dtype}; "
+                             f"pass token ids, not embeddings or probabilities")
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
+        if tokens.shape[1] == 0:
+            raise ValueError("tokens is empty along the sequence axis: give at least one token")
+        n = tokens.shape[1]
+        if n > self.config.max_seq_len:
+            raise ValueError(f"sequence of length {n} is longer than max_seq_len={self.config.max_seq_len}; "
+                             f"truncate it or build the model with a larger max_seq_len")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.config.num_tokens:
+            raise ValueError(f"token ids must lie in [0, {self.config.num_tokens}), got values in [{lo}, {hi}]")
+
+    def forward(self, tokens: Tensor, *, mask: Tensor | None = None, positions: Tensor | None = None,
+                cache=None, return_hidden: bool = False) -> Tensor:
+        """tokens (b, n) -> logits (b, n, num_tokens), or final hidden states (b, n, dim) with return_hidden.
+
+        mask (b, n): True for real tokens (padding anywhere, left padding for prompts). Positions default to the
+        count of real tokens before each one, so a left-padded row rotates exactly like the unpadded row.
+        cache: a `sampling.KVCache`; the tokens are appended to it and attend to everything cached before.
+        """
+        offset = cache.length if exists(cache) else 0
+        if offset == 0:  # cached decode steps feed back sampled ids; skip the (host-syncing) check there
+            self.check_tokens(tokens)
+        elif offset + tokens.shape[1] > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {offset} used, {tokens.shape[1]} more given")
+        if exists(cache):
+            cache.append_mask(mask if exists(mask) else torch.ones_like(tokens, dtype=torch.bool))
+        if not exists(positions):
+            if exists(cache):
+                positions = cache.next_positions(tokens.shape[1])
+            elif exists(mask):
+                positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+            else:
+                positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+
+        rotary = self.rotary(positions)
+        x = self.token_emb(tokens.long())
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rotary, kv_mask=mask, cache=cache, layer=i)
+        if exists(cache):
+            cache.advance()
+        x = self.norm(x)
+        if return_hidden:
+            return x
+        return x @ self.token_emb.weight.t()                                        # tied output embedding
+
+    def loss(self, tokens: Tensor, *, loss_mask: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """Mean next-token cross entropy (nats). Every byte, 0 included, is a real target.
+
+        loss_mask (b, n): which *target* tokens count (e.g. response tokens only, for SFT).
+        """
+        logits = self(tokens[:, :-1], mask=mask[:, :-1] if exists(mask) else None)
+        return next_token_loss(logits, tokens[:, 1:], loss_mask[:, 1:] if exists(loss_mask) else None)
+
+
+def next_token_loss(logits: Tensor, targets: Tensor, target_mask: Tensor | None = None) -> Tensor:
+    """Cross entropy of logits (b, n, v) against targets (b, n), averaged over target_mask (all if None)."""
+    loss = F.cross_entropy(rearrange(logits.float(), "b n v -> b v n"), targets.long(), reduction="none")
+    if not exists(target_mask):
+        return loss.mean()
+    target_mask = target_mask.to(loss.dtype)
+    return (loss * target_mask).sum() / target_mask.sum().clamp(min=1.0)

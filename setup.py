@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="palm-rlhf",
+    version="0.1.0",
+    description="PaLM + RLHF (SFT, reward model from preferences, PPO) in PyTorch, with Triton attention kernels",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["palm_rlhf", "palm_rlhf.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.5", "einops>=0.7", "beartype>=0.18", "accelerate>=0.30", "tqdm>=4.60"],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "plot": ["matplotlib>=3.7"],
+        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.7", "triton>=3.2"],
+    },
+    license="MIT",
+    classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
+)
