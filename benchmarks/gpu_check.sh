@@ -12,6 +12,6 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$OUT/gpu.txt"
 PALM_TEST_DEVICE=cuda PALM_TRITON_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider \
-  tests/test_kernels.py tests/test_attention_backends.py 2>&1 | tail -40 | tee "$OUT/gpu_tests.log"
+  ${TEST_ARGS:-tests/test_kernels.py tests/test_attention_backends.py} 2>&1 | tail -40 | tee "$OUT/gpu_tests.log"
 timeout ${BENCH_TIMEOUT:-330} python3 benchmarks/bench_attention.py ${BENCH_ARGS:-} --json "$OUT/bench_attention.json" \
   2>&1 | tee "$OUT/bench_attention.log"

@@ -17,14 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import HEAD_DIMS, INTERPRET, NEG, _check, _dot, _last_contiguous
+from .flash_attention import HEAD_DIMS, INTERPRET, NEG, _check, _dot, _kvm_arg, _last_contiguous
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, KVM, O_PART, LSE_PART, qk_scale,
+def _decode_kernel(Q, K, V, KVM, O, O_PART, LSE_PART, qk_scale,
                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                   stride_kvmb, G, N, GROUP, SPLITS, keys_per_split,
-                   HEAD_DIM: tl.constexpr, HAS_KVM: tl.constexpr, IEEE: tl.constexpr,
+                   stride_ob, stride_oh, stride_kvmb, G, N, GROUP, SPLITS, keys_per_split,
+                   HEAD_DIM: tl.constexpr, HAS_KVM: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr,
                    REP: tl.constexpr, BLOCK_N: tl.constexpr):
     bg = tl.program_id(0)
     split = tl.program_id(1)
@@ -58,6 +58,10 @@ def _decode_kernel(Q, K, V, KVM, O_PART, LSE_PART, qk_scale,
         v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
+    if DIRECT:  # one split: normalise and write the output, no combine pass
+        tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 (acc / l_i[:, None]).to(O.dtype.element_ty), mask=offs_r[:, None] < GROUP)
+        return
     row = (b * G + g) * GROUP + offs_r                      # = b * H + head
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     tl.store(O_PART + (row[:, None] * SPLITS + split) * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
@@ -83,10 +87,11 @@ def _combine_kernel(O_PART, LSE_PART, O, stride_ob, stride_oh, H, SPLITS,
 
 
 def _num_splits(bg: int, n: int, block_n: int, device) -> int:
+    """Split the keys only when a cache is long enough to be worth a second (combine) launch."""
     if INTERPRET or device.type != "cuda":
         return max(1, min(4, triton.cdiv(n, 4 * block_n)))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, bg), triton.cdiv(n, 2 * block_n), 64))
+    return max(1, min(triton.cdiv(2 * sms, bg), triton.cdiv(n, 1024), 64))
 
 
 def decode_attention(q, k, v, kv_mask=None, lengths=None):
@@ -109,17 +114,20 @@ def decode_attention(q, k, v, kv_mask=None, lengths=None):
     splits = _num_splits(b * g, n, block_n, q.device)
     keys_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
     splits = triton.cdiv(n, keys_per_split)
-    o_part = torch.empty((b * h, splits, d), device=q.device, dtype=torch.float32)
-    lse_part = torch.empty((b * h, splits), device=q.device, dtype=torch.float32)
-    kvm = kv_mask.to(torch.int8).contiguous() if kv_mask is not None else q.new_empty((1,), dtype=torch.int8)
+    o = torch.empty_like(q)
+    direct = splits == 1
+    o_part = o if direct else torch.empty((b * h, splits, d), device=q.device, dtype=torch.float32)
+    lse_part = o if direct else torch.empty((b * h, splits), device=q.device, dtype=torch.float32)
+    kvm, stride_kvmb = _kvm_arg(kv_mask, q)
     rep = max(16, triton.next_power_of_2(h // g))
     _decode_kernel[(b * g, splits)](
-        q, k, v, kvm, o_part, lse_part, d ** -0.5 * 1.4426950408889634,
+        q, k, v, kvm, o, o_part, lse_part, d ** -0.5 * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        kvm.stride(0) if kv_mask is not None else 0, g, n, h // g, splits, keys_per_split,
-        HEAD_DIM=d, HAS_KVM=kv_mask is not None, IEEE=q.dtype == torch.float32, REP=rep, BLOCK_N=block_n,
-        num_warps=4)
-    o = torch.empty_like(q)
+        o.stride(0), o.stride(1), stride_kvmb, g, n, h // g, splits, keys_per_split,
+        HEAD_DIM=d, HAS_KVM=kv_mask is not None, IEEE=q.dtype == torch.float32, DIRECT=direct, REP=rep,
+        BLOCK_N=block_n, num_warps=4)
+    if direct:
+        return o
     _combine_kernel[(b * h,)](o_part, lse_part, o, o.stride(0), o.stride(1), h, splits, HEAD_DIM=d,
                               BLOCK_S=max(2, triton.next_power_of_2(splits)))
     return o

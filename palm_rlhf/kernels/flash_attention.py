@@ -29,7 +29,7 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (16, 32, 64, 128)
-NEG = -1.0e38  # finite "minus infinity": a fully masked tile can never produce NaN
+NEG = tl.constexpr(-1.0e38)  # finite "minus infinity": a fully masked tile can never produce NaN
 # block sizes under the interpreter (unequal on purpose, so tile boundaries are exercised by the tests)
 INTERPRET_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
@@ -83,7 +83,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KVM, qk_scale,
                 H, M, N, GROUP,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M   # longest (last) query tiles first
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     g = h // GROUP
@@ -161,11 +161,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KVM, qk_scale, sm_scale,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_kvmb,
-                     H, G, M, N, GROUP,
+                     stride_split, H, G, M, N, GROUP, SPLITS,
                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bg = tl.program_id(1)
+    split = tl.program_id(2)                               # which share of the query heads (partial sums)
     b, g = bg // G, bg % G
     offset = N - M
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -186,7 +187,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KVM, qk_scale, sm_scale,
         lo = 0
         mid = 0
     full_hi = tl.maximum((M // BLOCK_M) * BLOCK_M, mid)
-    for r in range(0, GROUP):                              # every query head that shares this k/v head
+    for r in range(split, GROUP, SPLITS):                  # the query heads that share this k/v head
         h = g * GROUP + r
         q_ptr = Q + b * stride_qb + h * stride_qh
         do_ptr = DO + b * stride_dob + h * stride_doh
@@ -200,6 +201,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KVM, qk_scale, sm_scale,
                              BLOCK_M, IEEE)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, kvm_row, stride_qm, stride_dom,
                              offs_n, offs_d, full_hi, M, M, N, offset, qk_scale, False, HAS_KVM, True, BLOCK_M, IEEE)
+    DK += split * stride_split
+    DV += split * stride_split
     tl.store(DK + b * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < N)
     tl.store(DV + b * stride_dvb + g * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
@@ -231,7 +234,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KVM, qk_scale, sm_scale,
                    H, M, N, GROUP,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, IEEE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M   # longest (last) query tiles first
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     g = h // GROUP
@@ -274,8 +277,8 @@ _KEY = ["HEAD_DIM", "CAUSAL", "HAS_KVM", "IEEE"]
 AUTOTUNE = not INTERPRET and os.environ.get("PALM_TRITON_AUTOTUNE", "1") != "0"
 _PLAIN = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 _TUNED = {} if INTERPRET else {
-    "fwd": triton.autotune(_configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                                     (128, 32, 4, 4)]), key=_KEY)(_fwd_kernel),
+    "fwd": triton.autotune(_configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3),
+                                     (64, 64, 4, 3), (128, 32, 4, 4)]), key=_KEY)(_fwd_kernel),
     "dkdv": triton.autotune(_configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)]),
                             key=_KEY)(_bwd_dkdv_kernel),
     "dq": triton.autotune(_configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]),
@@ -328,7 +331,8 @@ def _last_contiguous(t):
 def _kvm_arg(kv_mask, q):
     if kv_mask is None:
         return q.new_empty((1,), dtype=torch.int8), 0
-    kvm = kv_mask.to(torch.int8).contiguous()
+    kvm = kv_mask.contiguous()
+    kvm = kvm.view(torch.int8) if kvm.dtype == torch.bool else kvm.to(torch.int8)  # bool -> int8 is a free view
     return kvm, kvm.stride(0)
 
 
@@ -348,6 +352,13 @@ def _forward(q, k, v, causal, kv_mask):
     return o, lse
 
 
+def _dkdv_splits(programs: int, group: int, device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return min(group, 2)  # exercise the split path in CPU tests
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(group, triton.cdiv(4 * sms, programs)))
+
+
 def _backward(do, q, k, v, o, lse, causal, kv_mask):
     b, h, m, d = q.shape
     g, n = k.shape[1], k.shape[2]
@@ -356,17 +367,29 @@ def _backward(do, q, k, v, o, lse, causal, kv_mask):
     _bwd_preprocess[(triton.cdiv(m, 64), b * h)](o, do, delta, o.stride(0), o.stride(1), o.stride(2),
                                                   do.stride(0), do.stride(1), do.stride(2), h, m,
                                                   HEAD_DIM=d, BLOCK_M=64)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty_like(q)
+    # With few k/v heads the dK/dV grid is small (multi-query: b * j / BLOCK_N programs); split the query heads
+    # over more programs and sum their fp32 partial results.
+    splits = _dkdv_splits(b * g * triton.cdiv(n, 64), h // g, q.device)
+    if splits == 1:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+    else:
+        dk = torch.empty((splits, b, g, n, d), device=q.device, dtype=torch.float32)
+        dv = torch.empty_like(dk)
+    dk_, dv_ = dk if splits == 1 else dk[0], dv if splits == 1 else dv[0]
     kvm, stride_kvmb = _kvm_arg(kv_mask, q)
     sm_scale = d ** -0.5
     qk_scale = sm_scale * 1.4426950408889634
     flags = dict(HEAD_DIM=d, CAUSAL=causal, HAS_KVM=kv_mask is not None, IEEE=q.dtype == torch.float32)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * g)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * g, splits)  # noqa: E731
     _launch("dkdv", grid, (q, k, v, do, dk, dv, lse, delta, kvm, qk_scale, sm_scale,
                            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-                           dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-                           stride_kvmb, h, g, m, n, h // g), q.dtype, **flags)
+                           dk_.stride(0), dk_.stride(1), dk_.stride(2), dv_.stride(0), dv_.stride(1), dv_.stride(2),
+                           stride_kvmb, dk.stride(0) if splits > 1 else 0, h, g, m, n, h // g, splits),
+            q.dtype, **flags)
+    if splits > 1:
+        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), b * h)  # noqa: E731
     _launch("dq", grid, (q, k, v, do, dq, lse, delta, kvm, qk_scale, sm_scale,
                          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
