@@ -10,7 +10,7 @@ Several GPUs (or CPU processes): `accelerate launch train.py ...` or `torchrun -
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import os
 import sys
 import time
@@ -219,6 +219,7 @@ def pretrain(args: argparse.Namespace) -> dict:
         "replica_fingerprints": fingerprints, "losses": losses, "checkpoint": str(ckpt_dir / "last.pt"),
     }
     if main:
+        (ckpt_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         if log.rows:
             save_plot(ckpt_dir / "pretrain.png", {"bits per character": {
                 "train": log.series("train_bpc"), "validation": log.series("val_bpc")}}, title="pretraining")

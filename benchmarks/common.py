@@ -49,7 +49,11 @@ def commit() -> str:
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
-    cells = [header] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    def fmt(c):
+        if isinstance(c, float):
+            return f"{c:,.0f}" if abs(c) >= 100 else f"{c:.3g}"
+        return str(c)
+    cells = [header] + [[fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     print(f"\n{title}")
     print("| " + " | ".join(h.ljust(w) for h, w in zip(cells[0], widths)) + " |")

@@ -91,6 +91,10 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, kv_mask
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if not exists(kv_mask) and i == j:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if i == 1:  # a decode step: the query is the last key; it sees every real key and itself
+        allowed = kv_mask.clone()
+        allowed[:, -1] = True
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None], enable_gqa=gqa)
     allowed = visible_mask(i, j, causal, kv_mask, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=gqa)
 

@@ -112,26 +112,25 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("xpos_scale", xpos_scale, persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """positions (b, n) -> cos, sin (b, 1, n, d) and, with xPos, the query scale (b, 1, n, d)."""
+        """positions (b, n) -> cos, signed sin (b, 1, n, d) and, with xPos, the query scale (b, 1, n, d)."""
         freqs = positions.float()[..., None] * self.inv_freq                    # (b, n, d/2)
-        freqs = torch.cat((freqs, freqs), dim=-1)[:, None]                        # (b, 1, n, d)
+        cos, sin = freqs.cos(), freqs.sin()
+        cos = torch.cat((cos, cos), dim=-1)[:, None]                              # (b, 1, n, d)
+        sin = torch.cat((-sin, sin), dim=-1)[:, None]                             # sign of rotate-half folded in
         scale = None
         if self.xpos:
-            power = (positions.float()[..., None] / self.xpos_scale_base)
-            scale = self.xpos_scale ** power
+            scale = self.xpos_scale ** (positions.float()[..., None] / self.xpos_scale_base)
             scale = torch.cat((scale, scale), dim=-1)[:, None]
-        return freqs.cos(), freqs.sin(), scale
+        return cos, sin, scale
 
 
-def rotate_half(x: Tensor) -> Tensor:
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, scale: Tensor | None = None) -> Tensor:
+    """x * cos + rotate_half(x) * sin, computed in fp32 (cos/sin are fp32), returned in x's dtype."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, scale: Tensor | float = 1.0) -> Tensor:
-    dtype = x.dtype
-    x = x.float()
-    return ((x * cos + rotate_half(x) * sin) * scale).to(dtype)
+    out = x * cos + torch.cat((x2, x1), dim=-1) * sin
+    if scale is not None:
+        out = out * scale
+    return out.to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -149,6 +148,7 @@ class ParallelTransformerBlock(nn.Module):
         self.config = c
         self.norm = LayerNorm(c.dim)
         self.fused_dims = (c.heads * c.dim_head, c.kv_heads * c.dim_head, c.kv_heads * c.dim_head, 2 * c.ff_inner)
+        self.qk_v_ff_dims = (self.fused_dims[0] + self.fused_dims[1], self.fused_dims[2], self.fused_dims[3])
         self.to_fused = nn.Linear(c.dim, sum(self.fused_dims), bias=False)
         self.q_norm = LayerNorm(c.dim_head) if c.qk_norm else None
         self.k_norm = LayerNorm(c.dim_head) if c.qk_norm else None
@@ -158,23 +158,27 @@ class ParallelTransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, rotary: tuple, kv_mask: Tensor | None = None, cache=None, layer: int = 0) -> Tensor:
         c = self.config
-        q, k, v, ff = self.to_fused(self.norm(x)).split(self.fused_dims, dim=-1)
-        q = rearrange(q, "b n (h d) -> b h n d", h=c.heads)
-        k = rearrange(k, "b n (g d) -> b g n d", g=c.kv_heads)
-        v = rearrange(v, "b n (g d) -> b g n d", g=c.kv_heads)
-        if exists(self.q_norm):
-            q, k = self.q_norm(q), self.k_norm(k)
-
+        b, n, _ = x.shape
+        h, g = c.heads, c.kv_heads
+        qk, v, ff = self.to_fused(self.norm(x)).split(self.qk_v_ff_dims, dim=-1)
+        # plain views rather than einops here: this runs once per layer per decoded token
+        qk = qk.view(b, n, h + g, c.dim_head).transpose(1, 2)                    # (b, h + g, n, d)
+        v = v.view(b, n, g, c.dim_head).transpose(1, 2)                          # (b, g, n, d)
         cos, sin, scale = rotary
-        q = apply_rotary(q, cos, sin, scale if exists(scale) else 1.0)
-        k = apply_rotary(k, cos, sin, scale.reciprocal() if exists(scale) else 1.0)
+        if exists(self.q_norm):
+            qk = torch.cat((self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])), dim=1)
+        if exists(scale):  # xPos scales queries up and keys down
+            q, k = qk.split((h, g), dim=1)
+            q, k = apply_rotary(q, cos, sin, scale), apply_rotary(k, cos, sin, scale.reciprocal())
+        else:              # q and k are adjacent in the fused projection: rotate them in one go
+            q, k = apply_rotary(qk, cos, sin).split((h, g), dim=1)
 
         if exists(cache):
             k, v = cache.update(layer, k, v)                                      # (b, g, j, d): all keys so far
             kv_mask = cache.valid_mask()
 
         out = attend(q, k, v, causal=True, kv_mask=kv_mask, backend=c.attn_backend)
-        out = rearrange(out, "b h n d -> b n (h d)")
+        out = out.transpose(1, 2).reshape(b, n, c.heads * c.dim_head)           # (b, n, h * d)
         return x + self.attn_out(out) + self.ff_out(self.swiglu(ff))
 
 # ---------------------------------------------------------------------------------------------------- model

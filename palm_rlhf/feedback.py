@@ -1,0 +1,141 @@
+"""Human-feedback data: demonstrations (SFT) and preferences (reward model), from JSONL files.
+
+Formats, one JSON object per line:
+    demonstrations   {"prompt": str, "response": str}
+    pairs            {"prompt": str, "chosen": str, "rejected": str}       (TRL / Hugging Face style)
+    ranked lists     {"prompt": str, "responses": [str, ...]}              best first; becomes all pairs
+    ratings          {"prompt": str, "response": str, "rating": number}    for bin / regression reward models
+
+Text becomes tokens through `tokenizer` (default: UTF-8 bytes, 256 tokens, the same as enwik8 pretraining).
+Bad lines stop loading with the file name and line number: nothing half-loaded is ever used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+def byte_tokenizer(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def _read_jsonl(path) -> list[tuple[int, dict]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append((lineno, row))
+    if not rows:
+        raise ValueError(f"{path} holds no examples")
+    return rows
+
+
+def _text(row: dict, key: str, where: str) -> str:
+    if key not in row:
+        raise ValueError(f"{where}: missing field {key!r} (fields present: {sorted(row)})")
+    value = row[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def load_demonstrations(path) -> list[dict]:
+    """[{"prompt", "response"}]"""
+    return [{"prompt": _text(r, "prompt", f"{path}:{n}"), "response": _text(r, "response", f"{path}:{n}")}
+            for n, r in _read_jsonl(path)]
+
+
+def load_preferences(path) -> list[dict]:
+    """Pairs [{"prompt", "chosen", "rejected"}], from pair lines and ranked-list lines (all pairs, best first)."""
+    pairs = []
+    for n, r in _read_jsonl(path):
+        where = f"{path}:{n}"
+        prompt = _text(r, "prompt", where)
+        if "responses" in r:
+            responses = r["responses"]
+            if not isinstance(responses, list) or len(responses) < 2:
+                raise ValueError(f"{where}: 'responses' must be a list of at least 2 strings, best first")
+            ranked = [_text({"r": x}, "r", f"{where} responses[{i}]") for i, x in enumerate(responses)]
+            pairs += [{"prompt": prompt, "chosen": a, "rejected": b} for a, b in combinations(ranked, 2)]
+        else:
+            pairs.append({"prompt": prompt, "chosen": _text(r, "chosen", where),
+                          "rejected": _text(r, "rejected", where)})
+    return pairs
+
+
+def load_ratings(path) -> list[dict]:
+    """[{"prompt", "response", "rating"}] with numeric ratings."""
+    out = []
+    for n, r in _read_jsonl(path):
+        where = f"{path}:{n}"
+        rating = r.get("rating")
+        if isinstance(rating, bool) or not isinstance(rating, (int, float)):
+            raise ValueError(f"{where}: field 'rating' must be a number, got {rating!r}")
+        out.append({"prompt": _text(r, "prompt", where), "response": _text(r, "response", where),
+                    "rating": float(rating)})
+    return out
+
+
+@dataclass
+class Encoded:
+    """One prompt + response as token ids."""
+    prompt: list[int]
+    response: list[int]
+
+
+def encode(prompt: str, response: str, max_len: int, tokenizer: Callable[[str], list[int]] = byte_tokenizer,
+           eos_token: int | None = None) -> Encoded | None:
+    """Tokenize; keep the prompt whole and cut the response to fit `max_len`. None if nothing of it would fit."""
+    p, r = tokenizer(prompt), tokenizer(response)
+    if eos_token is not None:
+        r = r + [eos_token]
+    room = max_len - len(p)
+    if room < 1:
+        return None
+    return Encoded(p, r[:room])
+
+
+def encode_all(examples: list[dict], keys: tuple[str, ...], max_len: int, tokenizer=byte_tokenizer,
+               eos_token: int | None = None) -> tuple[list[list[Encoded]], int]:
+    """Encode (prompt, example[key]) for each key; examples where any part cannot fit are dropped and counted."""
+    kept, dropped = [], 0
+    for ex in examples:
+        enc = [encode(ex["prompt"], ex[k], max_len, tokenizer, eos_token) for k in keys]
+        if any(e is None for e in enc):
+            dropped += 1
+            continue
+        kept.append(enc)
+    return kept, dropped
+
+
+def collate(items: list[Encoded], pad_token: int = 0) -> dict[str, Tensor]:
+    """Right-padded batch: tokens, mask (real tokens), response_mask (response tokens only)."""
+    n = max(len(e.prompt) + len(e.response) for e in items)
+    tokens = torch.full((len(items), n), pad_token, dtype=torch.long)
+    mask = torch.zeros((len(items), n), dtype=torch.bool)
+    response_mask = torch.zeros((len(items), n), dtype=torch.bool)
+    for i, e in enumerate(items):
+        p, r = len(e.prompt), len(e.response)
+        tokens[i, :p + r] = torch.tensor(e.prompt + e.response)
+        mask[i, :p + r] = True
+        response_mask[i, p:p + r] = True
+    return {"tokens": tokens, "mask": mask, "response_mask": response_mask}

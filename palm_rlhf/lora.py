@@ -1,0 +1,121 @@
+"""LoRA: low-rank adapters, several named scopes on one model (https://arxiv.org/abs/2106.09685).
+
+    add_lora(model, "actor", r=8)          # wraps the fused projection and attention output of every block
+    add_lora(model, "critic", r=8)         # a second, independent adapter on the same base weights
+    with use_lora(model, "actor"):          # only the actor's adapter is on inside the block
+        logits = model(tokens)
+    logits_ref = model(tokens)             # outside any block: no adapter = the frozen base (reference policy)
+    merge_lora(model, "actor")             # fold the adapter into the base weights and drop it
+
+Adapted layers keep their parameter names (`...to_fused.weight`), so base checkpoints load unchanged; each scope
+adds `...to_fused.lora_A.<scope>` and `...lora_B.<scope>`. B starts at zero, so a new adapter changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_TARGETS = ("to_fused", "attn_out")
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear (sharing the original weight) plus named low-rank adapters, each switched on or off."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__(base.in_features, base.out_features, bias=False, device=base.weight.device,
+                         dtype=base.weight.dtype)
+        self.weight = base.weight
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scales: dict[str, float] = {}
+        self.active: tuple[str, ...] = ()
+
+    def add(self, scope: str, r: int, alpha: float) -> None:
+        if scope in self.lora_A:
+            raise ValueError(f"LoRA scope {scope!r} already exists on this layer")
+        a = torch.empty(r, self.in_features, device=self.weight.device, dtype=self.weight.dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A[scope] = nn.Parameter(a)
+        self.lora_B[scope] = nn.Parameter(torch.zeros(self.out_features, r, device=a.device, dtype=a.dtype))
+        self.scales[scope] = alpha / r
+
+    def delta(self, scope: str) -> Tensor:
+        return (self.lora_B[scope] @ self.lora_A[scope]) * self.scales[scope]
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        for scope in self.active:
+            out = out + (x @ self.lora_A[scope].t()) @ self.lora_B[scope].t() * self.scales[scope]
+        return out
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def add_lora(model: nn.Module, scope: str, r: int = 8, alpha: float = 16.0,
+             targets: tuple[str, ...] = DEFAULT_TARGETS) -> list[nn.Parameter]:
+    """Add adapter `scope` to every Linear whose attribute name is in `targets`; returns its parameters."""
+    if r < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {r}")
+    found = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name not in targets or not isinstance(child, nn.Linear):
+                continue
+            if not isinstance(child, LoRALinear):
+                child = LoRALinear(child)
+                setattr(parent, name, child)
+            child.add(scope, r, alpha)
+            found += 1
+    if found == 0:
+        raise ValueError(f"no nn.Linear named one of {targets} in the model; pass targets= with the layer names")
+    return lora_parameters(model, scope)
+
+
+def lora_parameters(model: nn.Module, scope: str) -> list[nn.Parameter]:
+    params = [p for layer in lora_layers(model) if scope in layer.lora_A
+              for p in (layer.lora_A[scope], layer.lora_B[scope])]
+    if not params:
+        raise ValueError(f"the model has no LoRA scope {scope!r}; add it with add_lora(model, {scope!r})")
+    return params
+
+
+def lora_scopes(model: nn.Module) -> set[str]:
+    return {scope for layer in lora_layers(model) for scope in layer.lora_A}
+
+
+def set_lora(model: nn.Module, *scopes: str) -> None:
+    """Switch on exactly these scopes (none: the base model)."""
+    unknown = set(scopes) - lora_scopes(model)
+    if unknown:
+        raise ValueError(f"unknown LoRA scope(s) {sorted(unknown)}; the model has {sorted(lora_scopes(model))}")
+    for layer in lora_layers(model):
+        layer.active = tuple(s for s in scopes if s in layer.lora_A)
+
+
+@contextmanager
+def use_lora(model: nn.Module, *scopes: str):
+    """Switch on `scopes` inside the block (no scopes: the base model), restoring what was on before."""
+    before = [layer.active for layer in lora_layers(model)]
+    set_lora(model, *scopes)
+    try:
+        yield model
+    finally:
+        for layer, active in zip(lora_layers(model), before):
+            layer.active = active
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, scope: str) -> None:
+    """Fold adapter `scope` into the base weights (W += B A * alpha / r) and remove it."""
+    lora_parameters(model, scope)  # raises if missing
+    for layer in lora_layers(model):
+        if scope in layer.lora_A:
+            layer.weight += layer.delta(scope)
+            del layer.lora_A[scope], layer.lora_B[scope], layer.scales[scope]
+            layer.active = tuple(s for s in layer.active if s != scope)

@@ -1,0 +1,117 @@
+"""PaLM: shapes, causality, masks and positions, configs, loss, bad inputs."""
+
+import pytest
+import torch
+
+from palm_rlhf import PaLM, PaLMConfig, next_token_loss
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return PaLM(PaLMConfig.preset("test")).eval()
+
+
+def test_shapes_and_tied_embeddings(model):
+    tokens = torch.randint(0, 256, (3, 11))
+    assert model(tokens).shape == (3, 11, 256)
+    assert model(tokens, return_hidden=True).shape == (3, 11, 32)
+    logits = model(tokens)
+    hidden = model(tokens, return_hidden=True)
+    torch.testing.assert_close(logits, hidden @ model.token_emb.weight.t())
+    assert not any("bias" in name for name, _ in model.named_parameters())
+
+
+def test_multi_query_projection_sizes():
+    c = PaLMConfig(dim=64, depth=1, heads=8, dim_head=16, kv_heads=1)
+    layer = PaLM(c).layers[0]
+    assert layer.fused_dims == (8 * 16, 16, 16, 2 * 4 * 64)  # one k and one v head, never expanded
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_causal(backend):
+    torch.manual_seed(0)
+    m = PaLM(PaLMConfig.preset("test", attn_backend=backend)).eval()
+    tokens = torch.randint(0, 256, (2, 20))
+    changed = tokens.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % 256
+    a, b = m(tokens), m(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_left_padding_is_invisible(model):
+    """A left-padded row gives the same logits on its real tokens as the row alone (positions restart at 0)."""
+    row = torch.randint(0, 256, (1, 9))
+    padded = torch.cat((torch.full((1, 4), 7), row), dim=1)
+    mask = torch.cat((torch.zeros(1, 4, dtype=torch.bool), torch.ones(1, 9, dtype=torch.bool)), dim=1)
+    torch.testing.assert_close(model(padded, mask=mask)[:, 4:], model(row), atol=1e-5, rtol=1e-5)
+
+
+def test_qk_norm_and_xpos_and_gqa_run_and_stay_causal():
+    torch.manual_seed(0)
+    m = PaLM(PaLMConfig(dim=32, depth=2, heads=4, dim_head=8, kv_heads=2, qk_norm=True, xpos=True, max_seq_len=64))
+    tokens = torch.randint(0, 256, (2, 16))
+    changed = tokens.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 256
+    torch.testing.assert_close(m(tokens)[:, :-1], m(changed)[:, :-1])
+
+
+def test_loss_counts_byte_zero():
+    """Token 0 is a real byte: a model made to predict 0 has lower loss on zeros than on other bytes."""
+    logits = torch.full((1, 4, 256), -10.0)
+    logits[..., 0] = 10.0
+    zeros = torch.zeros(1, 4, dtype=torch.long)
+    ones = torch.ones(1, 4, dtype=torch.long)
+    assert next_token_loss(logits, zeros) < 1e-3
+    assert next_token_loss(logits, ones) > 10
+
+
+def test_loss_mask_excludes_tokens():
+    logits = torch.randn(2, 5, 256)
+    targets = torch.randint(0, 256, (2, 5))
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[:, 3:] = True
+    want = next_token_loss(logits[:, 3:], targets[:, 3:])
+    torch.testing.assert_close(next_token_loss(logits, targets, mask), want)
+
+
+def test_overfits_a_tiny_corpus():
+    torch.manual_seed(0)
+    m = PaLM(PaLMConfig.preset("test"))
+    data = torch.tensor(list(b"the quick brown fox jumps over the lazy dog. " * 2))[None]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    first = m.loss(data).item()
+    for _ in range(60):
+        loss = m.loss(data)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert first > 5.0 and loss.item() < 1.0, (first, loss.item())
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.tensor([[1, 2, 256]]), r"token ids must lie in \[0, 256\)"),
+    (torch.tensor([[-1, 2]]), r"token ids must lie in"),
+    (torch.randn(1, 4), "integer tensor"),
+    (torch.zeros(1, 0, dtype=torch.long), "empty"),
+    (torch.zeros(1, 129, dtype=torch.long), "longer than max_seq_len=128"),
+    (torch.zeros(4, dtype=torch.long), r"shape \(batch, seq\)"),
+])
+def test_bad_tokens_raise_clear_errors(model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        model(bad)
+
+
+def test_config_validation_and_presets():
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        PaLMConfig(heads=6, kv_heads=4)
+    with pytest.raises(ValueError, match="unknown preset"):
+        PaLMConfig.preset("huge")
+    with pytest.raises(ValueError, match="unknown PaLMConfig fields"):
+        PaLMConfig.from_dict({"dim": 8, "dimm": 3})
+    with pytest.raises(ValueError, match="attn_backend"):
+        PaLMConfig(attn_backend="flash")
+    c = PaLMConfig.preset("enwik8")
+    assert (c.dim, c.depth, c.heads, c.dim_head) == (512, 8, 8, 64)
+    assert PaLMConfig.from_dict(c.to_dict()) == c
