@@ -13,21 +13,24 @@ import argparse
 import json
 import os
 import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from palm_rlhf.data import decode_bytes, load_corpus, random_windows, split_corpus
+from palm_rlhf.demo import build_demonstrations, build_preferences, gold_score, write_jsonl
+from palm_rlhf.feedback import collate, encode_all, load_demonstrations, load_preferences, load_ratings
+from palm_rlhf.lora import add_lora, merge_lora, set_lora
 from palm_rlhf.palm import PRESETS, PaLM, PaLMConfig, next_token_loss
+from palm_rlhf.reward import (RewardModel, bradley_terry_loss, pairwise_accuracy, rating_bins_loss,
+                              regression_loss)
 from palm_rlhf.sampling import generate
-from palm_rlhf.training import (MetricsLog, load_checkpoint, lr_at, make_accelerator, make_optimizer,
-                                params_fingerprint, save_checkpoint, save_plot, step_generator)
-from palm_rlhf.utils import bits_per_char, exists
+from palm_rlhf.training import (finish, load_checkpoint, load_model, make_accelerator, make_optimizer, run_training,
+                                save_checkpoint, step_generator)
+from palm_rlhf.utils import bits_per_char
 
-STAGES = ("pretrain",)
+STAGES = ("pretrain", "make-preferences", "sft", "reward")
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -88,6 +91,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-interval", type=int, default=500, help="print a KV-cached sample every N steps (0 = off)")
     p.add_argument("--sample-tokens", type=int, default=128)
     add_common_args(p)
+
+    p = sub.add_parser("make-preferences", help="the demo task: sample pairs from a model, label them with the "
+                                                 "gold judge (noisy), write train/val JSONL and SFT demonstrations")
+    p.add_argument("--init", required=True, help="pretrained checkpoint that writes the responses")
+    p.add_argument("--data", default=None, help="corpus for prompts (default: enwik8, downloaded)")
+    p.add_argument("--download-to", default="data/enwik8.gz")
+    p.add_argument("--out", default="data/demo", help="folder for train.jsonl, val.jsonl, demos.jsonl, stats.json")
+    p.add_argument("--pairs", type=int, default=3000)
+    p.add_argument("--val-pairs", type=int, default=400)
+    p.add_argument("--demos", type=int, default=2000, help="SFT demonstrations to write (clean real continuations)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--response-len", type=int, default=64)
+    p.add_argument("--flip", type=float, default=0.1, help="fraction of labels flipped (noisy labellers)")
+    p.add_argument("--min-gap", type=float, default=0.05, help="gold-score gap below which a pair is a tie (skipped)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+    for name, helptext in (("sft", "supervised fine-tuning on demonstrations (loss on response tokens only)"),
+                           ("reward", "reward model from preferences (Bradley-Terry), ratings (bins) or regression")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--init", required=True, help="checkpoint of the model to start from (pretrain or sft)")
+        p.add_argument("--train", required=True, help="JSONL file (see palm_rlhf/feedback.py for the formats)")
+        p.add_argument("--val", default=None, help="held-out JSONL; default: the last --val-fraction of --train")
+        p.add_argument("--val-fraction", type=float, default=0.1)
+        p.add_argument("--max-len", type=int, default=256, help="prompt + response tokens; longer responses are cut")
+        p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (0 = fine-tune every weight)")
+        p.add_argument("--lora-alpha", type=float, default=16.0)
+        p.add_argument("--eval-batches", type=int, default=0, help="0 = the whole held-out set")
+        if name == "reward":
+            p.add_argument("--objective", default="pairwise", choices=["pairwise", "bins", "regression"])
+            p.add_argument("--num-bins", type=int, default=5, help="rating bins (objective bins): ratings 0..n-1")
+            p.add_argument("--margin", type=float, default=0.0, help="Bradley-Terry margin")
+            p.add_argument("--gold", action="store_true", help="also report accuracy against the demo gold judge")
+        add_common_args(p)
+        p.set_defaults(checkpoint_dir=f"checkpoints/{name}", steps=300, lr=3e-4, warmup=20, eval_interval=50,
+                       batch_size=16, checkpoint_interval=100, weight_decay=0.0)
     return parser
 
 
@@ -114,20 +155,23 @@ def evaluate_bpc(model, val: torch.Tensor, *, batches: int, batch_size: int, seq
     return bits_per_char(float(mean))
 
 
+def resume_state(args, stage: str):
+    """The checkpoint to resume from (--resume PATH or 'auto'), or None."""
+    resume = args.resume
+    if resume == "auto":
+        last = Path(args.checkpoint_dir) / "last.pt"
+        resume = last if last.is_file() else None
+    return (load_checkpoint(resume, stage=stage), resume) if resume else (None, None)
+
+
 def pretrain(args: argparse.Namespace) -> dict:
     accelerator = make_accelerator(args.mixed_precision, args.cpu)
     rank, main = accelerator.process_index, accelerator.is_main_process
-    ckpt_dir = Path(args.checkpoint_dir)
-    resume = args.resume
-    if resume == "auto":
-        resume = ckpt_dir / "last.pt" if (ckpt_dir / "last.pt").is_file() else None
-
-    state = load_checkpoint(resume, stage="pretrain") if resume else None
+    state, resume = resume_state(args, "pretrain")
     config = (PaLMConfig.from_dict(state["config"]) if state
               else PaLMConfig.preset(args.preset, **parse_overrides(args.model)))
     if args.seq_len > config.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
-
     data = load_corpus(args.data, download_to=args.download_to)
     train_data, val_data = split_corpus(data, args.val_fraction)
 
@@ -142,100 +186,230 @@ def pretrain(args: argparse.Namespace) -> dict:
         start = state["step"]
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-
-    log = MetricsLog(ckpt_dir / "metrics.jsonl" if main else None)
     if main:
         print(f"PaLM {config.dim}d x {config.depth} layers, {raw_model.num_params() / 1e6:.2f}M params | "
               f"{len(train_data):,} train / {len(val_data):,} val bytes | {accelerator.num_processes} process(es) "
               f"on {accelerator.device} | steps {start}->{args.steps}" + (f" (resumed from {resume})" if resume else ""))
 
-    end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
-    tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * accelerator.num_processes
-    bar = tqdm(range(start, end), initial=start, total=end, disable=not main or args.quiet, desc="pretrain")
-    t0, losses, val_bpc = time.time(), [], None
+    def loss_fn(step, micro):
+        x = random_windows(train_data, args.batch_size, args.seq_len, step_generator(args.seed, step, micro, rank))
+        x = x.to(accelerator.device)
+        loss = next_token_loss(model(x[:, :-1]), x[:, 1:])
+        return loss, {"bpc": bits_per_char(loss.item())}
 
-    def checkpoint(step):
-        if main:
-            save_checkpoint(ckpt_dir / "last.pt", model=raw_model, optimizer=optimizer, step=step, config=config,
-                            stage="pretrain", args=vars(args), extra={"val_bpc": val_bpc})
-        accelerator.wait_for_everyone()
+    def eval_fn(step):
+        return {"val_bpc": evaluate_bpc(model, val_data, batches=args.eval_batches, batch_size=args.batch_size,
+                                        seq_len=args.seq_len, rank=rank, accelerator=accelerator)}
 
-    step = start
-    try:
-        for step in bar:
-            lr = lr_at(step, lr=args.lr, warmup=args.warmup, total=args.steps, min_ratio=args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = 0.0
-            for micro in range(args.grad_accum):
-                x = random_windows(train_data, args.batch_size, args.seq_len, step_generator(args.seed, step, micro, rank))
-                x = x.to(accelerator.device)
-                sync = micro == args.grad_accum - 1
-                with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                    loss = next_token_loss(model(x[:, :-1]), x[:, 1:]) / args.grad_accum
-                    accelerator.backward(loss)
-                step_loss += loss.item()
-            if args.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
-            done = step + 1
-            bar.set_postfix(loss=f"{step_loss:.3f}", bpc=f"{bits_per_char(step_loss):.3f}", lr=f"{lr:.2e}")
-            row = {"step": done, "loss": step_loss, "train_bpc": bits_per_char(step_loss), "lr": lr}
+    def after_step(done):
+        if args.sample_interval and done % args.sample_interval == 0 and main:
+            prompt = val_data[:64].long().to(accelerator.device)
+            out = generate(raw_model, [prompt], args.sample_tokens, temperature=0.8, top_k=32,
+                           generator=step_generator(args.seed, done))
+            tqdm.write(f"--- sample at step {done} ---\n{decode_bytes(prompt)}|>>>|{decode_bytes(out.tokens[0])}\n---")
 
-            if done % args.eval_interval == 0 or done == end:
-                val_bpc = evaluate_bpc(model, val_data, batches=args.eval_batches, batch_size=args.batch_size,
-                                       seq_len=args.seq_len, rank=rank, accelerator=accelerator)
-                row["val_bpc"] = val_bpc
-                if main:
-                    tqdm.write(f"step {done}: train loss {step_loss:.4f} | val {val_bpc:.4f} bpc")
-            if args.sample_interval and done % args.sample_interval == 0 and main:
-                prompt = val_data[:64].long().to(accelerator.device)
-                out = generate(raw_model, [prompt], args.sample_tokens, temperature=0.8, top_k=32,
-                               generator=step_generator(args.seed, done, 0).manual_seed(done))
-                tqdm.write(f"--- sample at step {done} ---\n{decode_bytes(prompt)}|>>>|{decode_bytes(out.tokens[0])}\n---")
-            log.write(**row)
-            if done % args.checkpoint_interval == 0 or done == end:
-                checkpoint(done)
-            step = done
-    except KeyboardInterrupt:
-        if main:
-            print(f"\ninterrupted at step {step}; the last checkpoint in {ckpt_dir} is intact "
-                  f"(resume with --resume auto --checkpoint-dir {ckpt_dir})")
-        raise
+    summary = run_training(accelerator, model, optimizer, args=args, stage="pretrain", config=config, start=start,
+                           loss_fn=loss_fn, eval_fn=eval_fn, after_step=after_step)
+    tokens = args.batch_size * args.grad_accum * args.seq_len * accelerator.num_processes * summary["steps_run"]
+    summary["tokens_per_s"] = round(tokens / max(summary["seconds"], 1e-9))
+    return finish(accelerator, summary, args.checkpoint_dir,
+                  plots={"bits per character": {"train": "bpc", "validation": "val_bpc"}},
+                  lines=[f"{summary['tokens_per_s']:,} tokens/s; final train loss {summary['final_train_loss']:.4f} "
+                         f"nats; validation {summary.get('val_bpc', float('nan')):.4f} bits per char"])
 
-    bar.close()
-    elapsed = time.time() - t0
-    fingerprints = accelerator.gather(torch.tensor([params_fingerprint(model)], dtype=torch.float64,
-                                                   device=accelerator.device)).tolist()
-    if len(set(fingerprints)) > 1:
-        raise RuntimeError(f"replicas disagree after training: parameter fingerprints {fingerprints}")
-    summary = {
-        "steps_run": end - start, "final_step": end, "seconds": round(elapsed, 1),
-        "tokens_per_s": round(tokens_per_step * (end - start) / max(elapsed, 1e-9)),
-        "final_train_loss": losses[-1] if losses else None, "val_bpc": val_bpc,
-        "processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
-        "replica_fingerprints": fingerprints, "losses": losses, "checkpoint": str(ckpt_dir / "last.pt"),
-    }
-    if main:
-        (ckpt_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        if log.rows:
-            save_plot(ckpt_dir / "pretrain.png", {"bits per character": {
-                "train": log.series("train_bpc"), "validation": log.series("val_bpc")}}, title="pretraining")
-        print("\n=== pretraining summary ===")
-        print(f"steps {start} -> {end} in {elapsed:.0f}s ({summary['tokens_per_s']:,} tokens/s, "
-              f"{accelerator.num_processes} process(es), {summary['distributed_type']})")
-        print(f"final train loss {summary['final_train_loss']:.4f} nats; validation {val_bpc:.4f} bits per char")
-        print(f"replicas in sync: {len(set(fingerprints)) == 1} ({accelerator.num_processes} fingerprint(s))")
-        print(f"checkpoint {summary['checkpoint']}, metrics {ckpt_dir / 'metrics.jsonl'}, plot {ckpt_dir / 'pretrain.png'}")
-    accelerator.end_training()
-    return summary
+
+def make_preferences(args: argparse.Namespace) -> dict:
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    model = load_model(args.init).to(device).eval()
+    corpus = load_corpus(args.data, download_to=args.download_to)
+    out = Path(args.out)
+    total = args.pairs + args.val_pairs
+    pairs, stats = build_preferences(model, corpus, pairs=total, prompt_len=args.prompt_len,
+                                     response_len=args.response_len, flip=args.flip, min_gap=args.min_gap,
+                                     batch=args.batch_size, seed=args.seed, quiet=args.quiet)
+    write_jsonl(pairs[:args.pairs], out / "train.jsonl")
+    write_jsonl(pairs[args.pairs:], out / "val.jsonl")
+    demos = build_demonstrations(corpus, count=args.demos, prompt_len=args.prompt_len,
+                                 response_len=args.response_len, seed=args.seed)
+    write_jsonl(demos, out / "demos.jsonl")
+    stats.update(train=args.pairs, val=args.val_pairs, demos=len(demos))
+    (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    print(f"wrote {args.pairs} training and {args.val_pairs} held-out pairs, {len(demos)} demonstrations to {out}; "
+          f"{stats['ties_skipped']} ties skipped, {stats['labels_flipped']} labels flipped ({stats['flip_rate']:.1%})")
+    return stats
+
+
+def split_examples(args, loader):
+    train = loader(args.train)
+    if args.val:
+        return train, loader(args.val)
+    n_val = max(1, int(len(train) * args.val_fraction))
+    if n_val >= len(train):
+        raise ValueError(f"{args.train} holds {len(train)} examples: too few to hold out {n_val}; pass --val")
+    return train[:-n_val], train[-n_val:]
+
+
+def encode_or_fail(args, examples, keys, what):
+    encoded, dropped = encode_all(examples, keys, args.max_len)
+    if not encoded:
+        raise ValueError(f"every {what} example is longer than --max-len {args.max_len} in its prompt alone")
+    if dropped:
+        print(f"{what}: dropped {dropped} of {len(examples)} examples whose prompt alone reaches --max-len")
+    return encoded
+
+
+def batches(items, size):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def sft(args: argparse.Namespace) -> dict:
+    accelerator = make_accelerator(args.mixed_precision, args.cpu)
+    rank, device = accelerator.process_index, accelerator.device
+    state, _ = resume_state(args, "sft")
+    torch.manual_seed(args.seed)  # LoRA initialisation
+    model = load_model(args.init)
+    config = model.config
+    train_ex, val_ex = split_examples(args, load_demonstrations)
+    train_enc = encode_or_fail(args, train_ex, ("response",), "training")
+    val_enc = encode_or_fail(args, val_ex, ("response",), "held-out")
+    if args.lora_r > 0:
+        params = add_lora(model, "sft", r=args.lora_r, alpha=args.lora_alpha)
+        set_lora(model, "sft")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        params = list(model.parameters())
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    start = 0
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+
+    def response_loss(items):
+        b = {k: v.to(device) for k, v in collate([e[0] for e in items]).items()}
+        logits = model(b["tokens"][:, :-1], mask=b["mask"][:, :-1])
+        return next_token_loss(logits, b["tokens"][:, 1:], b["response_mask"][:, 1:])
+
+    def loss_fn(step, micro):
+        idx = torch.randint(len(train_enc), (args.batch_size,), generator=step_generator(args.seed, step, micro, rank))
+        return response_loss([train_enc[i] for i in idx.tolist()]), {}
+
+    @torch.no_grad()
+    def eval_fn(step):
+        model.eval()
+        losses = [response_loss(chunk).item() for chunk in batches(val_enc, args.batch_size)]
+        model.train()
+        loss = sum(losses) / len(losses)
+        return {"val_loss": loss, "val_bpc": bits_per_char(loss)}
+
+    summary = run_training(accelerator, model, optimizer, args=args, stage="sft", config=config, start=start,
+                           loss_fn=loss_fn, eval_fn=eval_fn, params=params)
+    if accelerator.is_main_process:  # a plain PaLM (adapter merged) for the next stages' --init
+        if args.lora_r > 0:
+            merge_lora(raw, "sft")
+        save_checkpoint(Path(args.checkpoint_dir) / "final.pt", model=raw, optimizer=None, step=summary["final_step"],
+                        config=config, stage="sft", args=vars(args))
+    return finish(accelerator, summary, args.checkpoint_dir, plots={"response loss (nats)": {
+        "train": "loss", "held-out": "val_loss"}}, lines=[
+        f"held-out response loss {summary.get('val_loss', float('nan')):.4f} nats "
+        f"({summary.get('val_bpc', float('nan')):.4f} bits/byte); merged model for --init: "
+        f"{Path(args.checkpoint_dir) / 'final.pt'}"])
+
+
+def reward(args: argparse.Namespace) -> dict:
+    accelerator = make_accelerator(args.mixed_precision, args.cpu)
+    rank, device = accelerator.process_index, accelerator.device
+    state, _ = resume_state(args, "reward")
+    torch.manual_seed(args.seed)  # LoRA initialisation
+    palm = load_model(args.init)
+    config = palm.config
+    pairwise = args.objective == "pairwise"
+    loader = load_preferences if pairwise else load_ratings
+    keys = ("chosen", "rejected") if pairwise else ("response",)
+    train_ex, val_ex = split_examples(args, loader)
+    train_enc = encode_or_fail(args, train_ex, keys, "training")
+    val_enc = encode_or_fail(args, val_ex, keys, "held-out")
+    rm = RewardModel(palm, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                     num_bins=args.num_bins if args.objective == "bins" else None)
+    rm.freeze_base()
+    params = rm.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    start = 0
+    if state:
+        rm.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    model, optimizer = accelerator.prepare(rm, optimizer)
+
+    def forward(items):
+        """-> loss, scores (pairwise: chosen, rejected)"""
+        flat = [e for pair in items for e in pair]
+        b = {k: v.to(device) for k, v in collate(flat).items()}
+        out = model(b["tokens"], b["mask"], b["response_mask"])
+        if pairwise:
+            chosen, rejected = out[0::2], out[1::2]
+            return bradley_terry_loss(chosen, rejected, args.margin), (chosen, rejected)
+        target = torch.tensor([e[0].rating for e in items], device=device)
+        if args.objective == "bins":
+            return rating_bins_loss(out, target.round().clamp(0, args.num_bins - 1)), (out,)
+        return regression_loss(out, target), (out,)
+
+    def loss_fn(step, micro):
+        idx = torch.randint(len(train_enc), (args.batch_size,), generator=step_generator(args.seed, step, micro, rank))
+        loss, scores = forward([train_enc[i] for i in idx.tolist()])
+        return loss, ({"acc": pairwise_accuracy(*scores)} if pairwise else {})
+
+    gold_labels = None
+    if args.gold and pairwise:  # which response the gold judge prefers, for each held-out pair
+        gold_labels = torch.tensor([gold_score(ex["chosen"]) > gold_score(ex["rejected"]) for ex in val_ex])
+
+    @torch.no_grad()
+    def eval_fn(step):
+        model.eval()
+        losses, chosen, rejected = [], [], []
+        for chunk in batches(val_enc, args.batch_size):
+            loss, scores = forward(chunk)
+            losses.append(loss.item() * len(chunk))
+            if pairwise:
+                chosen.append(scores[0].float().cpu())
+                rejected.append(scores[1].float().cpu())
+        model.train()
+        out = {"val_loss": sum(losses) / len(val_enc)}
+        if pairwise:
+            c, r = torch.cat(chosen), torch.cat(rejected)
+            out["val_acc"] = pairwise_accuracy(c, r)
+            if gold_labels is not None:
+                out["val_gold_acc"] = ((c > r) == gold_labels).float().mean().item()
+        return out
+
+    extra = lambda: {"kind": "reward", "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,  # noqa: E731
+                     "objective": args.objective, "num_bins": args.num_bins if args.objective == "bins" else None}
+    summary = run_training(accelerator, model, optimizer, args=args, stage="reward", config=config, start=start,
+                           loss_fn=loss_fn, eval_fn=eval_fn, extra_state=extra, params=params)
+    lines = [f"held-out loss {summary.get('val_loss', float('nan')):.4f}"]
+    if pairwise:
+        lines.append(f"held-out pairwise accuracy vs the labels: {summary.get('val_acc', float('nan')):.1%}")
+    if gold_labels is not None:
+        ceiling = gold_labels.float().mean().item()
+        summary["gold_label_agreement"] = ceiling
+        lines.append(f"held-out accuracy vs the gold judge: {summary['val_gold_acc']:.1%} "
+                     f"(the gold judge itself agrees with the noisy labels on {ceiling:.1%}: the ceiling)")
+    return finish(accelerator, summary, args.checkpoint_dir, plots={
+        "loss": {"train": "loss", "held-out": "val_loss"},
+        "pairwise accuracy": {"train batch": "acc", "held-out": "val_acc", "held-out vs gold": "val_gold_acc"}}
+        if pairwise else {"loss": {"train": "loss", "held-out": "val_loss"}}, lines=lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    return {"pretrain": pretrain}[args.stage](args)
+    stages = {"pretrain": pretrain, "make-preferences": make_preferences, "sft": sft, "reward": reward}
+    return stages[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -97,9 +97,10 @@ def load_ratings(path) -> list[dict]:
 
 @dataclass
 class Encoded:
-    """One prompt + response as token ids."""
+    """One prompt + response as token ids (and its rating, for rating data)."""
     prompt: list[int]
     response: list[int]
+    rating: float | None = None
 
 
 def encode(prompt: str, response: str, max_len: int, tokenizer: Callable[[str], list[int]] = byte_tokenizer,
@@ -123,6 +124,8 @@ def encode_all(examples: list[dict], keys: tuple[str, ...], max_len: int, tokeni
         if any(e is None for e in enc):
             dropped += 1
             continue
+        for e in enc:
+            e.rating = ex.get("rating")
         kept.append(enc)
     return kept, dropped
 

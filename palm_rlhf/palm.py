@@ -226,12 +226,13 @@ class PaLM(nn.Module):
             raise ValueError(f"token ids must lie in [0, {self.config.num_tokens}), got values in [{lo}, {hi}]")
 
     def forward(self, tokens: Tensor, *, mask: Tensor | None = None, positions: Tensor | None = None,
-                cache=None, return_hidden: bool = False) -> Tensor:
+                cache=None, return_hidden: bool = False, extra_embed: Tensor | None = None) -> Tensor:
         """tokens (b, n) -> logits (b, n, num_tokens), or final hidden states (b, n, dim) with return_hidden.
 
         mask (b, n): True for real tokens (padding anywhere, left padding for prompts). Positions default to the
         count of real tokens before each one, so a left-padded row rotates exactly like the unpadded row.
         cache: a `sampling.KVCache`; the tokens are appended to it and attend to everything cached before.
+        extra_embed (b, n, dim): added to the token embeddings (e.g. the reward model's prompt/response segments).
         """
         offset = cache.length if exists(cache) else 0
         if offset == 0:  # cached decode steps feed back sampled ids; skip the (host-syncing) check there
@@ -250,6 +251,8 @@ class PaLM(nn.Module):
 
         rotary = self.rotary(positions)
         x = self.token_emb(tokens.long())
+        if exists(extra_embed):
+            x = x + extra_embed
         for i, layer in enumerate(self.layers):
             x = layer(x, rotary, kv_mask=mask, cache=cache, layer=i)
         if exists(cache):

@@ -81,14 +81,19 @@ def load_checkpoint(path, stage: str | None = None) -> dict:
 
 
 def load_model(path, **config_overrides) -> PaLM:
-    """A PaLM from any stage's checkpoint (its config is stored inside)."""
+    """A plain PaLM from a pretrain or SFT checkpoint (or the trunk of a reward-model checkpoint)."""
     state = load_checkpoint(path)
     config = PaLMConfig.from_dict({**state["config"], **config_overrides})
+    weights = state["model"]
+    if state["stage"] == "reward":
+        weights = {k[len("palm."):]: v for k, v in weights.items() if k.startswith("palm.")}
+    adapters = sorted({k.split(".lora_A.")[1] for k in weights if ".lora_A." in k})
+    if adapters and state["stage"] != "reward":
+        raise RuntimeError(f"{path} holds unmerged LoRA adapters {adapters} (a training state); load the merged "
+                           f"final.pt written beside it at the end of the stage")
+    weights = {k: v for k, v in weights.items() if ".lora_" not in k}
     model = PaLM(config)
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if unexpected or missing:
-        base = {k: v for k, v in state["model"].items() if k in model.state_dict()}
-        model.load_state_dict(base, strict=True)
+    model.load_state_dict(weights, strict=True)
     return model
 
 
@@ -147,3 +152,108 @@ def params_fingerprint(model: torch.nn.Module) -> float:
     for i, p in enumerate(model.parameters()):
         total += float((p.detach().double() * (1.0 + 1e-3 * i)).sum())
     return total
+
+
+def run_training(accelerator, model, optimizer, *, args, stage: str, config: PaLMConfig, start: int, loss_fn,
+                 eval_fn=None, after_step=None, extra_state=None, params=None) -> dict:
+    """The loop every gradient stage shares: schedule, accumulation, clipping, eval, checkpoints, tqdm, summary.
+
+    loss_fn(step, micro) -> (loss, {metric: float})   one micro-batch; the loop scales by 1 / grad_accum
+    eval_fn(step) -> {metric: float}                   every --eval-interval steps and at the end
+    after_step(step)                                   e.g. printing samples
+    extra_state() -> dict                              stored in the checkpoint's "extra" (plain values only)
+    """
+    from contextlib import nullcontext
+
+    from tqdm import tqdm
+
+    main = accelerator.is_main_process
+    ckpt_dir = Path(args.checkpoint_dir)
+    raw_model = accelerator.unwrap_model(model)
+    params = params if exists(params) else [p for p in model.parameters() if p.requires_grad]
+    log = MetricsLog(ckpt_dir / "metrics.jsonl" if main else None)
+    end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
+    bar = tqdm(range(start, end), initial=start, total=end, disable=not main or args.quiet, desc=stage)
+    t0, losses, last_eval = time.time(), [], {}
+
+    def checkpoint(step):
+        if main:
+            save_checkpoint(ckpt_dir / "last.pt", model=raw_model, optimizer=optimizer, step=step, config=config,
+                            stage=stage, args=vars(args), extra={**(extra_state() if extra_state else {}),
+                                                                  **last_eval})
+        accelerator.wait_for_everyone()
+
+    step = start
+    try:
+        for step in bar:
+            lr = lr_at(step, lr=args.lr, warmup=args.warmup, total=args.steps, min_ratio=args.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss, metrics = 0.0, {}
+            for micro in range(args.grad_accum):
+                sync = micro == args.grad_accum - 1
+                with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                    loss, m = loss_fn(step, micro)
+                    accelerator.backward(loss / args.grad_accum)
+                step_loss += loss.item() / args.grad_accum
+                for k, v in m.items():
+                    metrics[k] = metrics.get(k, 0.0) + v / args.grad_accum
+            if args.grad_clip > 0:
+                accelerator.clip_grad_norm_(params, args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            done = step + 1
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.1e}", **{k: f"{v:.3f}" for k, v in metrics.items()})
+            row = {"step": done, "loss": step_loss, "lr": lr, **metrics}
+            if exists(eval_fn) and (done % args.eval_interval == 0 or done == end):
+                last_eval = eval_fn(done)
+                row.update(last_eval)
+                if main:
+                    shown = " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+                    tqdm.write(f"step {done}: train loss {step_loss:.4f} | {shown}")
+            if exists(after_step):
+                after_step(done)
+            log.write(**row)
+            if done % args.checkpoint_interval == 0 or done == end:
+                checkpoint(done)
+            step = done
+    except KeyboardInterrupt:
+        if main:
+            print(f"\ninterrupted at step {step}; the last checkpoint in {ckpt_dir} is intact "
+                  f"(resume with --resume auto --checkpoint-dir {ckpt_dir})")
+        raise
+    bar.close()
+    elapsed = time.time() - t0
+    fingerprints = accelerator.gather(torch.tensor([params_fingerprint(model)], dtype=torch.float64,
+                                                   device=accelerator.device)).tolist()
+    if len(set(fingerprints)) > 1:
+        raise RuntimeError(f"replicas disagree after training: parameter fingerprints {fingerprints}")
+    return {"stage": stage, "steps_run": end - start, "final_step": end, "seconds": round(elapsed, 1),
+            "final_train_loss": losses[-1] if losses else None, **last_eval, "losses": losses,
+            "processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+            "replica_fingerprints": fingerprints, "checkpoint": str(ckpt_dir / "last.pt"), "_log": log}
+
+
+def finish(accelerator, summary: dict, ckpt_dir, plots: dict | None = None, lines: list[str] = ()) -> dict:
+    """Write summary.json and the plot, print a readable summary (main process), close trackers."""
+    log = summary.pop("_log")
+    ckpt_dir = Path(ckpt_dir)
+    if accelerator.is_main_process:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        plot_path = None
+        if plots and log.rows:
+            panels = {name: {label: log.series(key) for label, key in series.items()} for name, series in plots.items()}
+            plot_path = save_plot(ckpt_dir / f"{summary['stage']}.png", panels, title=summary["stage"])
+        print(f"\n=== {summary['stage']} summary ===")
+        print(f"steps {summary['final_step'] - summary['steps_run']} -> {summary['final_step']} in "
+              f"{summary['seconds']:.0f}s, {summary['processes']} process(es), {summary['distributed_type']}")
+        for line in lines:
+            print(line)
+        print(f"replicas in sync: {len(set(summary['replica_fingerprints'])) == 1} "
+              f"({len(summary['replica_fingerprints'])} fingerprint(s))")
+        print(f"checkpoint {summary['checkpoint']}, metrics {ckpt_dir / 'metrics.jsonl'}"
+              + (f", plot {plot_path}" if plot_path else ""))
+    accelerator.end_training()
+    return summary

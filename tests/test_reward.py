@@ -1,0 +1,152 @@
+"""Reward model, SFT and the demo-task stages: losses by hand, padding invariance, real short runs, resume."""
+
+import json
+import random
+
+import pytest
+import torch
+
+import train
+from palm_rlhf import PaLM, PaLMConfig
+from palm_rlhf.demo import gold_score
+from palm_rlhf.feedback import collate, encode
+from palm_rlhf.reward import RewardModel, bradley_terry_loss, last_real_index
+from palm_rlhf.training import load_checkpoint, load_model
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    from conftest import ENWIK6
+    d = tmp_path_factory.mktemp("base")
+    data = ENWIK6 if ENWIK6.is_file() else None
+    if data is None:
+        data = d / "corpus.txt"
+        data.write_text("the cat sat on the mat. " * 2000)
+    train.main(["pretrain", "--preset", "test", "--data", str(data), "--steps", "30", "--seq-len", "64",
+                "--batch-size", "8", "--lr", "3e-3", "--eval-interval", "30", "--eval-batches", "1",
+                "--sample-interval", "0", "--checkpoint-dir", str(d), "--quiet"])
+    return d / "last.pt", data
+
+
+def test_bradley_terry_by_hand():
+    chosen, rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])
+    want = (-torch.log(torch.sigmoid(torch.tensor(1.0))) - torch.log(torch.tensor(0.5))) / 2
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected), want)
+    with_margin = -torch.log(torch.sigmoid(torch.tensor([0.5, -0.5]))).mean()
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected, margin=0.5), with_margin)
+
+
+def test_last_real_index():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [0, 1, 1, 0]], dtype=torch.bool)
+    assert last_real_index(mask).tolist() == [1, 3, 2]
+
+
+def test_scores_are_padding_invariant_and_deterministic():
+    torch.manual_seed(0)
+    rm = RewardModel(PaLM(PaLMConfig.preset("test")), lora_r=4)
+    torch.nn.init.normal_(rm.head.weight)  # a non-trivial head
+    torch.nn.init.normal_(rm.segment_emb.weight)
+    items = [encode("prompt", "a response", 64), encode("p", "x", 64), encode("a long prompt here", "yes", 64)]
+    batch = collate(items)
+    together = rm.score(batch["tokens"], batch["mask"], batch["response_mask"])
+    for i, item in enumerate(items):
+        alone = collate([item])
+        torch.testing.assert_close(rm.score(alone["tokens"], alone["mask"], alone["response_mask"]),
+                                   together[i:i + 1], atol=1e-5, rtol=1e-5)
+    again = rm.score(batch["tokens"], batch["mask"], batch["response_mask"])
+    assert torch.equal(together, again)
+    # left-padded prompt + right-padded response (the PPO layout) scores the same too
+    t, m, r = batch["tokens"][1:2], batch["mask"][1:2], batch["response_mask"][1:2]
+    pad = torch.zeros(1, 3, dtype=torch.long)
+    left = rm.score(torch.cat((pad, t), 1), torch.cat((pad.bool(), m), 1), torch.cat((pad.bool(), r), 1))
+    torch.testing.assert_close(left, together[1:2], atol=1e-5, rtol=1e-5)
+
+
+def test_rating_bins_score_is_the_expected_rating():
+    torch.manual_seed(0)
+    rm = RewardModel(PaLM(PaLMConfig.preset("test")), lora_r=0, num_bins=3, bin_values=[1.0, 2.0, 5.0])
+    with torch.no_grad():
+        rm.head.bias.copy_(torch.tensor([0.0, 0.0, 100.0]))
+    b = collate([encode("p", "r", 16)])
+    assert rm.score(b["tokens"], b["mask"], b["response_mask"]).item() == pytest.approx(5.0)
+
+
+def easy_preferences(path, n, seed):
+    """chosen: letters and spaces; rejected: markup-heavy digits. Easy to tell apart."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = "".join(rng.choice("abcdefgh ") for _ in range(8))
+        good = " ".join("".join(rng.choice("aeioust") for _ in range(4)) for _ in range(3))
+        bad = "".join(rng.choice("0123456789|[]{}=") for _ in range(14))
+        rows.append({"prompt": prompt, "chosen": good, "rejected": bad})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def reward_args(base, tmp, ckpt, *extra):
+    return ["reward", "--init", str(base), "--train", str(easy_preferences(tmp / "pairs.jsonl", 240, 0)),
+            "--max-len", "48", "--batch-size", "8", "--lr", "3e-3", "--warmup", "2", "--eval-interval", "10",
+            "--checkpoint-dir", str(ckpt), "--quiet", "--gold", *extra]
+
+
+def test_reward_model_learns_an_easy_preference(base_ckpt, tmp_path):
+    out = train.main(reward_args(base_ckpt[0], tmp_path, tmp_path / "rm", "--steps", "40"))
+    assert out["val_acc"] >= 0.95 and out["val_gold_acc"] >= 0.95, out
+    assert out["gold_label_agreement"] == 1.0
+    assert (tmp_path / "rm" / "reward.png").is_file()
+    state = load_checkpoint(tmp_path / "rm" / "last.pt", stage="reward")
+    assert state["extra"]["kind"] == "reward" and state["extra"]["lora_r"] == 8
+    load_model(tmp_path / "rm" / "last.pt")  # the trunk loads as a plain PaLM
+
+
+def test_reward_resume_equals_uninterrupted(base_ckpt, tmp_path):
+    full = train.main(reward_args(base_ckpt[0], tmp_path, tmp_path / "a", "--steps", "6"))
+    cut = train.main(reward_args(base_ckpt[0], tmp_path, tmp_path / "b", "--steps", "6", "--stop-after", "2"))
+    rest = train.main(reward_args(base_ckpt[0], tmp_path, tmp_path / "b", "--steps", "6", "--resume", "auto"))
+    assert cut["losses"] + rest["losses"] == full["losses"]
+
+
+@pytest.mark.parametrize("lora_r", ["4", "0"])
+def test_sft_learns_and_writes_a_merged_model(base_ckpt, tmp_path, lora_r):
+    rows = [{"prompt": f"Q{i % 7}: ", "response": "always answer politely."} for i in range(64)]
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("\n".join(json.dumps(r) for r in rows))
+    args = ["sft", "--init", str(base_ckpt[0]), "--train", str(demos), "--max-len", "40", "--batch-size", "8",
+            "--lr", "1e-2", "--warmup", "2", "--eval-interval", "15", "--lora-r", lora_r, "--quiet",
+            "--checkpoint-dir", str(tmp_path / "sft")]
+    out = train.main(args + ["--steps", "30"])
+    first = json.loads((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    # full fine-tuning memorises the reply; a rank-4 adapter on a 30-step toy base cannot sharpen its logits much
+    # (the tied embeddings are frozen and tiny), so it only has to move clearly
+    target = 0.5 * first if lora_r == "0" else first - 0.1
+    assert out["val_loss"] < target, (first, out["val_loss"])
+    merged = load_model(tmp_path / "sft" / "final.pt")
+    held_out = rows[-6:]  # --val-fraction 0.1 of 64: the last 6, one evaluation batch
+    b = collate([encode(r["prompt"], r["response"], 40) for r in held_out])
+    with torch.no_grad():
+        logits = merged(b["tokens"][:, :-1], mask=b["mask"][:, :-1])
+    from palm_rlhf import next_token_loss
+    merged_loss = next_token_loss(logits, b["tokens"][:, 1:], b["response_mask"][:, 1:]).item()
+    assert merged_loss == pytest.approx(out["val_loss"], abs=1e-4)  # the merged model is the trained one
+    if lora_r != "0":
+        with pytest.raises(RuntimeError, match="unmerged LoRA adapters"):
+            load_model(tmp_path / "sft" / "last.pt")
+
+
+def test_make_preferences_writes_labelled_pairs(base_ckpt, tmp_path):
+    ckpt, data = base_ckpt
+    stats = train.main(["make-preferences", "--init", str(ckpt), "--data", str(data), "--out", str(tmp_path),
+                        "--pairs", "20", "--val-pairs", "6", "--demos", "5", "--prompt-len", "16",
+                        "--response-len", "24", "--min-gap", "0.0", "--flip", "0.0", "--quiet"])
+    train_rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(train_rows) == 20 and stats["labels_flipped"] == 0
+    assert all(gold_score(r["chosen"]) >= gold_score(r["rejected"]) for r in train_rows)
+    assert len((tmp_path / "val.jsonl").read_text().splitlines()) == 6
+    assert len((tmp_path / "demos.jsonl").read_text().splitlines()) == 5
+
+
+def test_gold_score_prefers_clean_prose():
+    assert gold_score("the cat sat on the mat") > gold_score("[[the|cat]] {{sat}}")
+    assert gold_score("plain words here") == pytest.approx(1.0)
+    assert gold_score("") == 0.0
