@@ -13,24 +13,27 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from palm_rlhf.data import decode_bytes, load_corpus, random_windows, split_corpus
-from palm_rlhf.demo import build_demonstrations, build_preferences, gold_score, write_jsonl
+from palm_rlhf.data import decode_bytes, encode_text, load_corpus, random_windows, split_corpus
+from palm_rlhf.demo import (build_demonstrations, build_preferences, gold_score, gold_scores, prompt_windows,
+                            write_jsonl)
 from palm_rlhf.feedback import collate, encode_all, load_demonstrations, load_preferences, load_ratings
 from palm_rlhf.lora import add_lora, merge_lora, set_lora
 from palm_rlhf.palm import PRESETS, PaLM, PaLMConfig, next_token_loss
-from palm_rlhf.reward import (RewardModel, bradley_terry_loss, pairwise_accuracy, rating_bins_loss,
-                              regression_loss)
+from palm_rlhf.ppo import ActorCritic, PPOConfig, PPOTrainer
+from palm_rlhf.reward import (RewardModel, bradley_terry_loss, load_reward_model, pairwise_accuracy,
+                              rating_bins_loss, regression_loss)
 from palm_rlhf.sampling import generate
-from palm_rlhf.training import (finish, load_checkpoint, load_model, make_accelerator, make_optimizer, run_training,
-                                save_checkpoint, step_generator)
+from palm_rlhf.training import (MetricsLog, finish, load_checkpoint, load_model, make_accelerator, make_optimizer,
+                                run_training, save_checkpoint, save_plot, step_generator, step_seed)
 from palm_rlhf.utils import bits_per_char
 
-STAGES = ("pretrain", "make-preferences", "sft", "reward")
+STAGES = ("pretrain", "make-preferences", "sft", "reward", "ppo")
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -129,6 +132,41 @@ def build_parser() -> argparse.ArgumentParser:
         add_common_args(p)
         p.set_defaults(checkpoint_dir=f"checkpoints/{name}", steps=300, lr=3e-4, warmup=20, eval_interval=50,
                        batch_size=16, checkpoint_interval=100, weight_decay=0.0)
+
+    p = sub.add_parser("ppo", help="RLHF: PPO against a frozen reward model, KL-penalised to the reference policy")
+    p.add_argument("--init", required=True, help="policy checkpoint (pretrain or sft): actor, reference and critic")
+    p.add_argument("--reward", required=True, help="reward-model checkpoint (train.py reward)")
+    p.add_argument("--prompts", default=None, help='JSONL of {"prompt": ...}; default: windows of --data')
+    p.add_argument("--data", default=None, help="corpus for prompt windows (default: enwik8, downloaded)")
+    p.add_argument("--download-to", default="data/enwik8.gz")
+    p.add_argument("--prompt-len", type=int, default=32, help="window length when prompts come from --data")
+    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many iterations in this run")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank of actor and critic (0 = full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--critic-from-reward", action="store_true", help="initialise the value head (and adapter) "
+                                                                     "from the reward model, as InstructGPT does")
+    p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts for the before/after table")
+    p.add_argument("--best-of", type=int, default=8, help="N of the best-of-N baseline (0 = skip)")
+    p.add_argument("--gold", action="store_true", help="report the demo task's gold judge too")
+    p.add_argument("--checkpoint-dir", default="checkpoints/ppo")
+    p.add_argument("--checkpoint-interval", type=int, default=10)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--log-with", default=None, help="accelerate tracker, e.g. tensorboard or wandb")
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    for f in fields(PPOConfig):
+        if f.name == "eos_token":
+            p.add_argument("--eos-token", type=int, default=None)
+        elif f.type in ("bool", bool):
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes"),
+                           default=f.default, metavar="BOOL")
+        else:
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}[str(f.type)]
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
     return parser
 
 
@@ -406,9 +444,119 @@ def reward(args: argparse.Namespace) -> dict:
         if pairwise else {"loss": {"train": "loss", "held-out": "val_loss"}}, lines=lines)
 
 
+def load_prompts(args, count: int, seed: int, corpus=None) -> list[torch.Tensor]:
+    if args.prompts:
+        rows = [r for _, r in _read_prompts(args.prompts)]
+        g = torch.Generator().manual_seed(seed)
+        return [encode_text(rows[i]) for i in torch.randint(len(rows), (count,), generator=g).tolist()]
+    return prompt_windows(corpus, count, args.prompt_len, seed)
+
+
+def _read_prompts(path):
+    from palm_rlhf.feedback import _read_jsonl, _text
+    return [(n, _text(r, "prompt", f"{path}:{n}")) for n, r in _read_jsonl(path)]
+
+
+def ppo(args: argparse.Namespace) -> dict:
+    accelerator = make_accelerator(args.mixed_precision, args.cpu, log_with=args.log_with,
+                                   project_dir=args.checkpoint_dir)
+    main_process = accelerator.is_main_process
+    cfg = PPOConfig(**{f.name: getattr(args, f.name) for f in fields(PPOConfig)})
+    state, resume = resume_state(args, "ppo")
+    torch.manual_seed(args.seed)
+    actor_critic = ActorCritic(load_model(args.init), lora_r=args.lora_r, lora_alpha=args.lora_alpha)
+    reward_model = load_reward_model(args.reward)
+    if args.critic_from_reward:
+        actor_critic.init_critic_from_reward(reward_model)
+    corpus = None if args.prompts else load_corpus(args.data, download_to=args.download_to)
+    gold = gold_scores if args.gold else None
+    trainer = PPOTrainer(actor_critic, reward_model, cfg, accelerator=accelerator, lr=args.lr, seed=args.seed,
+                         gold_fn=gold)
+    if state:
+        accelerator.unwrap_model(trainer.model).load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.load_state_dict(state["extra"]["trainer"])
+    if args.log_with:
+        accelerator.init_trackers("palm-rlhf-ppo", config={k: v for k, v in vars(args).items()
+                                                           if isinstance(v, (int, float, str, bool))})
+    eval_prompts = load_prompts(args, args.eval_prompts, seed=10_000 + args.seed, corpus=corpus)
+    ckpt_dir = Path(args.checkpoint_dir)
+    log = MetricsLog(ckpt_dir / "metrics.jsonl" if main_process else None)
+
+    before = trainer.evaluate(eval_prompts, actor=False) if not state else state["extra"]["before"]
+    start = trainer.iteration
+    end = args.iterations if args.stop_after is None else min(args.iterations, start + args.stop_after)
+    if main_process:
+        print(f"PPO: {cfg.prompts_per_iter} prompts x {cfg.max_new_tokens} new tokens per iteration per process, "
+              f"{accelerator.num_processes} process(es), iterations {start}->{end}, "
+              f"{'LoRA r=' + str(args.lora_r) if args.lora_r else 'full fine-tuning'}")
+    bar = tqdm(range(start, end), initial=start, total=end, desc="ppo", disable=not main_process or args.quiet)
+
+    def checkpoint():
+        if main_process:
+            save_checkpoint(ckpt_dir / "last.pt", model=accelerator.unwrap_model(trainer.model),
+                            optimizer=trainer.optimizer, step=trainer.iteration, config=actor_critic.palm.config,
+                            stage="ppo", args=vars(args), extra={"trainer": trainer.state_dict(), "before": before,
+                                                                  "lora_r": args.lora_r, "lora_alpha": args.lora_alpha})
+        accelerator.wait_for_everyone()
+
+    history = []
+    try:
+        for it in bar:
+            prompts = load_prompts(args, cfg.prompts_per_iter, seed=step_seed(args.seed, it, accelerator.process_index),
+                                   corpus=corpus)
+            stats = trainer.step(prompts)
+            history.append(stats)
+            log.write(step=stats["iteration"], **stats)
+            if args.log_with:
+                accelerator.log({k: v for k, v in stats.items() if isinstance(v, (int, float))}, step=it + 1)
+            bar.set_postfix(rm=f"{stats['rm_score']:.3f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['beta']:.3f}",
+                            **({"gold": f"{stats['gold_score']:.3f}"} if "gold_score" in stats else {}))
+            if trainer.iteration % args.checkpoint_interval == 0 or trainer.iteration == end:
+                checkpoint()
+    except KeyboardInterrupt:
+        if main_process:
+            print(f"\ninterrupted; the last checkpoint in {ckpt_dir} is intact (resume with --resume auto)")
+        raise
+    bar.close()
+    after = trainer.evaluate(eval_prompts, actor=True)
+    results = {"reference policy (before PPO)": before, "PPO policy (after)": after}
+    if args.best_of > 1:
+        results[f"best-of-{args.best_of} (reference policy + reward model)"] = trainer.evaluate(
+            eval_prompts, actor=False, best_of=args.best_of)
+    summary = {"stage": "ppo", "iterations": trainer.iteration, "results": results, "history": history,
+               "target_kl": cfg.target_kl, "checkpoint": str(ckpt_dir / "last.pt")}
+    if main_process and trainer.iteration == args.iterations:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / "eval.json").write_text(json.dumps(summary, indent=1))
+        panels = {"reward-model score": {"rollouts": log.series("rm_score")}, "KL to reference (nats/response)":
+                  {"kl": log.series("kl")}}
+        if args.gold:
+            panels["gold score"] = {"rollouts": log.series("gold_score")}
+        save_plot(ckpt_dir / "ppo.png", panels, title="PPO")
+        print(f"\n=== PPO on {len(eval_prompts)} held-out prompts ===")
+        keys = ["rm_score", "gold_score", "kl"] if args.gold else ["rm_score", "kl"]
+        print(f"| policy | {' | '.join(keys)} |")
+        print("|---" * (len(keys) + 1) + "|")
+        for name, r in results.items():
+            cells = [f"{r[k]:.3f} ± {r[k + '_std']:.3f}" if k + "_std" in r else
+                     f"{r.get(k, r.get('kl_bound', float('nan'))):.3f}" + (" (bound)" if k == "kl" and "kl_bound" in r else "")
+                     for k in keys]
+            print(f"| {name} | {' | '.join(cells)} |")
+        if args.gold:
+            gain = (after["gold_score"] - before["gold_score"]) / max(before["gold_score_std"], 1e-9)
+            summary["gold_gain_in_std"] = gain
+            print(f"gold score change: {gain:+.2f} standard deviations of the pre-PPO distribution; "
+                  f"KL to reference {after['kl']:.2f} nats (target {cfg.target_kl})")
+            (ckpt_dir / "eval.json").write_text(json.dumps(summary, indent=1))
+        print(f"curves: {ckpt_dir / 'ppo.png'}, per-iteration log: {ckpt_dir / 'metrics.jsonl'}")
+    accelerator.end_training()
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    stages = {"pretrain": pretrain, "make-preferences": make_preferences, "sft": sft, "reward": reward}
+    stages = {"pretrain": pretrain, "make-preferences": make_preferences, "sft": sft, "reward": reward, "ppo": ppo}
     return stages[args.stage](args)
 
 

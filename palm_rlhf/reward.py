@@ -99,3 +99,15 @@ def regression_loss(scores: Tensor, ratings: Tensor) -> Tensor:
 
 def pairwise_accuracy(chosen: Tensor, rejected: Tensor) -> float:
     return (chosen > rejected).float().mean().item()
+
+
+def load_reward_model(path) -> RewardModel:
+    """A frozen RewardModel from a `train.py reward` checkpoint (no pickled code is executed)."""
+    from .palm import PaLMConfig
+    from .training import load_checkpoint
+    state = load_checkpoint(path, stage="reward")
+    extra = state["extra"]
+    rm = RewardModel(PaLM(PaLMConfig.from_dict(state["config"])), lora_r=extra["lora_r"],
+                     lora_alpha=extra["lora_alpha"], num_bins=extra.get("num_bins"))
+    rm.load_state_dict(state["model"])
+    return rm.eval().requires_grad_(False)

@@ -18,14 +18,15 @@ from .utils import atomic_torch_save, exists, safe_torch_load
 CHECKPOINT_FORMAT = 1
 
 
-def make_accelerator(mixed_precision: str = "no", cpu: bool = False) -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", cpu: bool = False, log_with: str | None = None,
+                     project_dir: str | None = None) -> Accelerator:
     """An Accelerator that also runs real multi-process DDP on CPU (torchrun with gloo) when there is no GPU."""
     if mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"mixed precision must be one of no, fp16, bf16; got {mixed_precision!r}")
     cpu = cpu or not torch.cuda.is_available()
     if cpu and mixed_precision == "fp16":
         raise ValueError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 or no on CPU")
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=log_with, project_dir=project_dir)
 
 
 def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -36,11 +37,13 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def step_seed(seed: int, step: int, micro: int = 0, rank: int = 0) -> int:
+    return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank * 7) % (2 ** 63)
+
+
 def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
     """A generator whose draws depend only on (seed, step, micro-batch, rank): data order survives resumption."""
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + step * 10_007 + micro * 101 + rank * 7) % (2 ** 63))
-    return g
+    return torch.Generator().manual_seed(step_seed(seed, step, micro, rank))
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
