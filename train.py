@@ -30,7 +30,8 @@ from palm_rlhf.reward import (RewardModel, bradley_terry_loss, load_reward_model
                               rating_bins_loss, regression_loss)
 from palm_rlhf.sampling import generate
 from palm_rlhf.training import (MetricsLog, finish, load_checkpoint, load_model, make_accelerator, make_optimizer,
-                                run_training, save_checkpoint, save_plot, step_generator, step_seed)
+                                params_fingerprint, run_training, save_checkpoint, save_plot, step_generator,
+                                step_seed)
 from palm_rlhf.utils import bits_per_char
 
 STAGES = ("pretrain", "make-preferences", "sft", "reward", "ppo")
@@ -301,16 +302,21 @@ def batches(items, size):
         yield items[i:i + size]
 
 
-def sft(args: argparse.Namespace) -> dict:
+def feedback_stage(args, stage: str, loader, keys):
+    """What SFT and reward modelling share: accelerator, resume state, the --init model, encoded examples."""
     accelerator = make_accelerator(args.mixed_precision, args.cpu)
-    rank, device = accelerator.process_index, accelerator.device
-    state, _ = resume_state(args, "sft")
+    state, _ = resume_state(args, stage)
     torch.manual_seed(args.seed)  # LoRA initialisation
     model = load_model(args.init)
-    config = model.config
-    train_ex, val_ex = split_examples(args, load_demonstrations)
-    train_enc = encode_or_fail(args, train_ex, ("response",), "training")
-    val_enc = encode_or_fail(args, val_ex, ("response",), "held-out")
+    train_ex, val_ex = split_examples(args, loader)
+    train_enc = encode_or_fail(args, train_ex, keys, "training")
+    val_enc = encode_or_fail(args, val_ex, keys, "held-out")
+    return accelerator, state, model, val_ex, train_enc, val_enc
+
+
+def sft(args: argparse.Namespace) -> dict:
+    accelerator, state, model, _, train_enc, val_enc = feedback_stage(args, "sft", load_demonstrations, ("response",))
+    rank, device, config = accelerator.process_index, accelerator.device, model.config
     if args.lora_r > 0:
         params = add_lora(model, "sft", r=args.lora_r, alpha=args.lora_alpha)
         set_lora(model, "sft")
@@ -361,18 +367,11 @@ def sft(args: argparse.Namespace) -> dict:
 
 
 def reward(args: argparse.Namespace) -> dict:
-    accelerator = make_accelerator(args.mixed_precision, args.cpu)
-    rank, device = accelerator.process_index, accelerator.device
-    state, _ = resume_state(args, "reward")
-    torch.manual_seed(args.seed)  # LoRA initialisation
-    palm = load_model(args.init)
-    config = palm.config
     pairwise = args.objective == "pairwise"
-    loader = load_preferences if pairwise else load_ratings
-    keys = ("chosen", "rejected") if pairwise else ("response",)
-    train_ex, val_ex = split_examples(args, loader)
-    train_enc = encode_or_fail(args, train_ex, keys, "training")
-    val_enc = encode_or_fail(args, val_ex, keys, "held-out")
+    accelerator, state, palm, val_ex, train_enc, val_enc = feedback_stage(
+        args, "reward", load_preferences if pairwise else load_ratings,
+        ("chosen", "rejected") if pairwise else ("response",))
+    rank, device, config = accelerator.process_index, accelerator.device, palm.config
     rm = RewardModel(palm, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                      num_bins=args.num_bins if args.objective == "bins" else None)
     rm.freeze_base()
@@ -519,13 +518,19 @@ def ppo(args: argparse.Namespace) -> dict:
             print(f"\ninterrupted; the last checkpoint in {ckpt_dir} is intact (resume with --resume auto)")
         raise
     bar.close()
+    fingerprints = accelerator.gather(torch.tensor([params_fingerprint(trainer.model)], dtype=torch.float64,
+                                                   device=accelerator.device)).tolist()
+    if len(set(fingerprints)) > 1:
+        raise RuntimeError(f"replicas disagree after PPO: parameter fingerprints {fingerprints}")
     after = trainer.evaluate(eval_prompts, actor=True)
     results = {"reference policy (before PPO)": before, "PPO policy (after)": after}
     if args.best_of > 1:
         results[f"best-of-{args.best_of} (reference policy + reward model)"] = trainer.evaluate(
             eval_prompts, actor=False, best_of=args.best_of)
     summary = {"stage": "ppo", "iterations": trainer.iteration, "results": results, "history": history,
-               "target_kl": cfg.target_kl, "checkpoint": str(ckpt_dir / "last.pt")}
+               "target_kl": cfg.target_kl, "checkpoint": str(ckpt_dir / "last.pt"), "processes":
+               accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+               "replica_fingerprints": fingerprints}
     if main_process and trainer.iteration == args.iterations:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / "eval.json").write_text(json.dumps(summary, indent=1))
@@ -549,6 +554,7 @@ def ppo(args: argparse.Namespace) -> dict:
             print(f"gold score change: {gain:+.2f} standard deviations of the pre-PPO distribution; "
                   f"KL to reference {after['kl']:.2f} nats (target {cfg.target_kl})")
             (ckpt_dir / "eval.json").write_text(json.dumps(summary, indent=1))
+        print(f"replicas in sync: True ({len(fingerprints)} fingerprint(s))")
         print(f"curves: {ckpt_dir / 'ppo.png'}, per-iteration log: {ckpt_dir / 'metrics.jsonl'}")
     accelerator.end_training()
     return summary

@@ -153,35 +153,29 @@ def test_toy_task_reward_rises(base):
 
 
 @pytest.fixture(scope="module")
-def ppo_setup(tmp_path_factory):
-    """A tiny pretrained policy and reward model, through the real CLI stages."""
+def ppo_setup(base, tmp_path_factory):
+    """The toy policy and a reward model trained on it, through the real CLI stages."""
     from conftest import ENWIK6
     d = tmp_path_factory.mktemp("ppo")
-    data = ENWIK6 if ENWIK6.is_file() else d / "corpus.txt"
-    if not ENWIK6.is_file():
-        data.write_text("the cat sat on the mat. " * 2000)
-    train.main(["pretrain", "--preset", "test", "--data", str(data), "--steps", "10", "--seq-len", "32",
-                "--batch-size", "4", "--eval-interval", "10", "--eval-batches", "1", "--sample-interval", "0",
-                "--checkpoint-dir", str(d / "base"), "--quiet"])
+    data = ENWIK6 if ENWIK6.is_file() else base.parent / "corpus.txt"
     pairs = d / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps({"prompt": "p", "chosen": "eee", "rejected": "xyz"}) for _ in range(20)))
-    train.main(["reward", "--init", str(d / "base" / "last.pt"), "--train", str(pairs), "--steps", "3",
-                "--max-len", "16", "--checkpoint-dir", str(d / "rm"), "--quiet"])
-    return d, data
+    train.main(["reward", "--init", str(base), "--train", str(pairs), "--steps", "3", "--max-len", "16",
+                "--checkpoint-dir", str(d / "rm"), "--quiet"])
+    return base, d, data
 
 
-def ppo_args(d, data, ckpt, *extra):
-    return ["ppo", "--init", str(d / "base" / "last.pt"), "--reward", str(d / "rm" / "last.pt"), "--data", str(data),
+def ppo_args(base, d, data, ckpt, *extra):
+    return ["ppo", "--init", str(base), "--reward", str(d / "rm" / "last.pt"), "--data", str(data),
             "--prompt-len", "8", "--prompts-per-iter", "4", "--minibatch-size", "2", "--max-new-tokens", "8",
             "--ppo-epochs", "2", "--eval-prompts", "4", "--best-of", "2", "--gold", "--checkpoint-dir", str(ckpt),
             "--quiet", "--checkpoint-interval", "1", *extra]
 
 
 def test_ppo_cli_resume_equals_uninterrupted(ppo_setup, tmp_path):
-    d, data = ppo_setup
-    full = train.main(ppo_args(d, data, tmp_path / "full", "--iterations", "4", "--critic-from-reward"))
-    train.main(ppo_args(d, data, tmp_path / "cut", "--iterations", "4", "--critic-from-reward", "--stop-after", "2"))
-    rest = train.main(ppo_args(d, data, tmp_path / "cut", "--iterations", "4", "--critic-from-reward",
+    full = train.main(ppo_args(*ppo_setup, tmp_path / "full", "--iterations", "4", "--critic-from-reward"))
+    train.main(ppo_args(*ppo_setup, tmp_path / "cut", "--iterations", "4", "--critic-from-reward", "--stop-after", "2"))
+    rest = train.main(ppo_args(*ppo_setup, tmp_path / "cut", "--iterations", "4", "--critic-from-reward",
                                "--resume", "auto"))
     keys = ("rm_score", "kl", "policy_loss", "value_loss", "beta")
     first_two = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[:2]]

@@ -57,6 +57,19 @@ def _allowed(offs_q_col, offs_n, N, kvm_row, CAUSAL: tl.constexpr, HAS_KVM: tl.c
 
 
 @triton.jit
+def _key_range(start_m, offset, N, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys a query tile needs: [0, full_hi) visible to every row (no causal or bounds mask), then [full_hi, hi)."""
+    if CAUSAL:
+        # keys <= the tile's first query column are visible to every row
+        full_hi = ((offset + start_m + 1) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(offset + start_m + BLOCK_M, N)
+    else:
+        full_hi = (N // BLOCK_N) * BLOCK_N
+        hi = N
+    return full_hi, hi
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, kvm_row, stride_kn, stride_vn, offs_q_col, offs_d, lo, hi, N,
                qk_scale, CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, BOUNDS: tl.constexpr,
                BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
@@ -100,13 +113,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KVM, qk_scale,
     m_i = tl.full([BLOCK_M], NEG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if CAUSAL:
-        # keys <= the tile's first query column are visible to every row: no causal or bounds mask needed there
-        full_hi = ((offset + start_m + 1) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(offset + start_m + BLOCK_M, N)
-    else:
-        full_hi = (N // BLOCK_N) * BLOCK_N
-        hi = N
+    full_hi, hi = _key_range(start_m, offset, N, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, kvm_row, stride_kn, stride_vn, offs_q_col, offs_d,
                                0, full_hi, N, qk_scale, False, HAS_KVM, False, BLOCK_N, IEEE)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, kvm_row, stride_kn, stride_vn, offs_q_col, offs_d,
@@ -253,12 +260,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KVM, qk_scale, sm_scale,
     v_ptr = V + b * stride_vb + g * stride_vh
     kvm_row = KVM + b * stride_kvmb
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if CAUSAL:
-        full_hi = ((offset + start_m + 1) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(offset + start_m + BLOCK_M, N)
-    else:
-        full_hi = (N // BLOCK_N) * BLOCK_N
-        hi = N
+    full_hi, hi = _key_range(start_m, offset, N, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, kvm_row, stride_kn, stride_vn, offs_q_col, offs_d,
                    0, full_hi, N, qk_scale, False, HAS_KVM, False, BLOCK_N, IEEE)
     dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, kvm_row, stride_kn, stride_vn, offs_q_col, offs_d,

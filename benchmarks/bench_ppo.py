@@ -1,0 +1,121 @@
+"""PPO throughput: rollout + learn samples/s and peak memory, ours vs the anchor, side by side in one run.
+
+    python benchmarks/bench_ppo.py                                   # ours only
+    python benchmarks/bench_ppo.py --anchor-path /tmp/anchor_site    # + palm-rlhf-pytorch 0.8.0 (RLHFTrainer)
+
+Setting (both): PaLM dim 256, depth 4, heads 4, dim_head 64; prompts of 32 tokens; 64 new tokens; LoRA actor and
+critic (r 8); a reward model on the same trunk size; 1 PPO epoch, minibatches of 16 for the like-for-like row.
+Ours: 16 prompts per iteration, rolled out together with the KV cache. The anchor: its train() loop with
+32 rollouts (one prompt at a time) per learn. Each trainer runs in its own subprocess (peak RSS is per process).
+Install the anchor beside, never into, this environment:
+    pip install --no-deps --target /tmp/anchor_site palm-rlhf-pytorch==0.8.0 adam-atan2-pytorch einx \\
+        hl-gauss-pytorch memmap-replay-buffer lion-pytorch frozendict torch-einops-utils loguru
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SIZE = dict(dim=256, depth=4, heads=4, dim_head=64)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(iterations: int, epochs: int, minibatch: int) -> dict:
+    from palm_rlhf import PaLM, PaLMConfig
+    from palm_rlhf.ppo import ActorCritic, PPOConfig, PPOTrainer
+    from palm_rlhf.reward import RewardModel
+    from palm_rlhf.training import make_accelerator
+    torch.manual_seed(0)
+    config = PaLMConfig(**SIZE, max_seq_len=1024)
+    rm = RewardModel(PaLM(config), lora_r=8)
+    trainer = PPOTrainer(ActorCritic(PaLM(config), lora_r=8), rm,
+                         PPOConfig(prompts_per_iter=16, max_new_tokens=64, ppo_epochs=epochs, minibatch_size=minibatch),
+                         accelerator=make_accelerator(cpu=True), lr=1e-4)
+    prompts = lambda i: [torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(i * 100 + j))  # noqa
+                         for j in range(16)]
+    trainer.step(prompts(0))  # warm-up
+    t = time.perf_counter()
+    rollout = 0.0
+    for i in range(iterations):
+        stats = trainer.step(prompts(i + 1))
+        rollout += stats["rollout_s"]
+    elapsed = time.perf_counter() - t
+    return {"samples_per_s": 16 * iterations / elapsed, "seconds": elapsed, "samples": 16 * iterations,
+            "rollout_share": rollout / elapsed, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_anchor(rollouts: int) -> dict:
+    from palm_rlhf_pytorch import PaLM, RewardModel, RLHFTrainer
+    torch.manual_seed(0)
+    palm = PaLM(num_tokens=256, **SIZE)
+    reward_model = RewardModel(palm, num_binned_output=5)
+    prompts = torch.randint(1, 256, (64, 32))
+    trainer = RLHFTrainer(palm=palm, reward_model=reward_model, prompt_token_ids=prompts, minibatch_size=16, epochs=1)
+    trainer.train(num_episodes=1, max_timesteps=4, update_timesteps=4, max_seq_len=96)  # warm-up
+    t = time.perf_counter()
+    trainer.train(num_episodes=1, max_timesteps=rollouts, update_timesteps=rollouts, max_seq_len=96)
+    elapsed = time.perf_counter() - t
+    return {"samples_per_s": rollouts / elapsed, "seconds": elapsed, "samples": rollouts, "peak_rss_mb": peak_rss_mb()}
+
+
+def child(which: str, args) -> dict:
+    env = dict(os.environ)
+    if which == "anchor":
+        env["PYTHONPATH"] = args.anchor_path + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, __file__, "--child", which, "--iterations", str(args.iterations)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{which} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iterations", type=int, default=4, help="timed iterations of ours (16 samples each)")
+    p.add_argument("--anchor-path", default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.child == "ours":
+        print(json.dumps(run_ours(args.iterations, epochs=1, minibatch=16)))
+        return
+    if args.child == "ours4":
+        print(json.dumps(run_ours(args.iterations, epochs=4, minibatch=8)))
+        return
+    if args.child == "anchor":
+        print(json.dumps(run_anchor(rollouts=2 * args.iterations * 4)))
+        return
+    from common import machine, print_table, save_json
+    rows = {"palm-rlhf, 1 epoch, minibatch 16": child("ours", args),
+            "palm-rlhf, defaults (4 epochs, minibatch 8)": child("ours4", args)}
+    if args.anchor_path:
+        rows["palm-rlhf-pytorch 0.8.0 RLHFTrainer, 1 epoch, minibatch 16"] = child("anchor", args)
+    print_table(f"PPO rollout + learn, prompt 32, +64 tokens, {machine()}", ["trainer", "samples", "seconds",
+                "samples/s", "peak RSS MiB"], [[k, v["samples"], v["seconds"], v["samples_per_s"], v["peak_rss_mb"]]
+                                               for k, v in rows.items()])
+    if args.anchor_path:
+        anchor = rows["palm-rlhf-pytorch 0.8.0 RLHFTrainer, 1 epoch, minibatch 16"]["samples_per_s"]
+        ours = rows["palm-rlhf, 1 epoch, minibatch 16"]["samples_per_s"]
+        print(f"\nratio (like for like): {ours / anchor:.1f}x the anchor's samples/s")
+    save_json(args.json, {"ppo": rows})
+
+
+if __name__ == "__main__":
+    main()
