@@ -22,7 +22,8 @@ from tqdm import tqdm
 from palm_rlhf.data import decode_bytes, encode_text, load_corpus, random_windows, split_corpus
 from palm_rlhf.demo import (build_demonstrations, build_preferences, gold_score, gold_scores, prompt_windows,
                             write_jsonl)
-from palm_rlhf.feedback import collate, encode_all, load_demonstrations, load_preferences, load_ratings
+from palm_rlhf.feedback import (collate, encode_all, load_demonstrations, load_preferences, load_prompts_file,
+                                load_ratings)
 from palm_rlhf.lora import add_lora, merge_lora, set_lora
 from palm_rlhf.palm import PRESETS, PaLM, PaLMConfig, next_token_loss
 from palm_rlhf.ppo import ActorCritic, PPOConfig, PPOTrainer
@@ -39,7 +40,6 @@ STAGES = ("pretrain", "make-preferences", "sft", "reward", "ppo")
 
 def parse_overrides(pairs: list[str]) -> dict:
     """["dim=128", "qk_norm=true"] -> {"dim": 128, "qk_norm": True}, typed like PaLMConfig's fields."""
-    from dataclasses import fields
     types = {f.name: f.type for f in fields(PaLMConfig)}
     out = {}
     for pair in pairs:
@@ -443,17 +443,12 @@ def reward(args: argparse.Namespace) -> dict:
         if pairwise else {"loss": {"train": "loss", "held-out": "val_loss"}}, lines=lines)
 
 
-def load_prompts(args, count: int, seed: int, corpus=None) -> list[torch.Tensor]:
-    if args.prompts:
-        rows = [r for _, r in _read_prompts(args.prompts)]
+def draw_prompts(args, count: int, seed: int, corpus=None, rows=None) -> list[torch.Tensor]:
+    """`count` prompts: drawn from the --prompts rows or windows of the corpus, as a function of `seed` alone."""
+    if rows is not None:
         g = torch.Generator().manual_seed(seed)
         return [encode_text(rows[i]) for i in torch.randint(len(rows), (count,), generator=g).tolist()]
     return prompt_windows(corpus, count, args.prompt_len, seed)
-
-
-def _read_prompts(path):
-    from palm_rlhf.feedback import _read_jsonl, _text
-    return [(n, _text(r, "prompt", f"{path}:{n}")) for n, r in _read_jsonl(path)]
 
 
 def ppo(args: argparse.Namespace) -> dict:
@@ -468,6 +463,7 @@ def ppo(args: argparse.Namespace) -> dict:
     if args.critic_from_reward:
         actor_critic.init_critic_from_reward(reward_model)
     corpus = None if args.prompts else load_corpus(args.data, download_to=args.download_to)
+    rows = load_prompts_file(args.prompts) if args.prompts else None
     gold = gold_scores if args.gold else None
     trainer = PPOTrainer(actor_critic, reward_model, cfg, accelerator=accelerator, lr=args.lr, seed=args.seed,
                          gold_fn=gold)
@@ -478,7 +474,7 @@ def ppo(args: argparse.Namespace) -> dict:
     if args.log_with:
         accelerator.init_trackers("palm-rlhf-ppo", config={k: v for k, v in vars(args).items()
                                                            if isinstance(v, (int, float, str, bool))})
-    eval_prompts = load_prompts(args, args.eval_prompts, seed=10_000 + args.seed, corpus=corpus)
+    eval_prompts = draw_prompts(args, args.eval_prompts, seed=10_000 + args.seed, corpus=corpus, rows=rows)
     ckpt_dir = Path(args.checkpoint_dir)
     log = MetricsLog(ckpt_dir / "metrics.jsonl" if main_process else None)
 
@@ -502,8 +498,8 @@ def ppo(args: argparse.Namespace) -> dict:
     history = []
     try:
         for it in bar:
-            prompts = load_prompts(args, cfg.prompts_per_iter, seed=step_seed(args.seed, it, accelerator.process_index),
-                                   corpus=corpus)
+            prompts = draw_prompts(args, cfg.prompts_per_iter, seed=step_seed(args.seed, it, accelerator.process_index),
+                                   corpus=corpus, rows=rows)
             stats = trainer.step(prompts)
             history.append(stats)
             log.write(step=stats["iteration"], **stats)

@@ -5,6 +5,7 @@ Formats, one JSON object per line:
     pairs            {"prompt": str, "chosen": str, "rejected": str}       (TRL / Hugging Face style)
     ranked lists     {"prompt": str, "responses": [str, ...]}              best first; becomes all pairs
     ratings          {"prompt": str, "response": str, "rating": number}    for bin / regression reward models
+    prompts          {"prompt": str}                                        for PPO
 
 Text becomes tokens through `tokenizer` (default: UTF-8 bytes, 256 tokens, the same as enwik8 pretraining).
 Bad lines stop loading with the file name and line number: nothing half-loaded is ever used.
@@ -80,6 +81,11 @@ def load_preferences(path) -> list[dict]:
             pairs.append({"prompt": prompt, "chosen": _text(r, "chosen", where),
                           "rejected": _text(r, "rejected", where)})
     return pairs
+
+
+def load_prompts_file(path) -> list[str]:
+    """Prompts for PPO: JSONL lines {"prompt": str}."""
+    return [_text(r, "prompt", f"{path}:{n}") for n, r in _read_jsonl(path)]
 
 
 def load_ratings(path) -> list[dict]:

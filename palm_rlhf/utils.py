@@ -15,13 +15,6 @@ def exists(value) -> bool:
     return value is not None
 
 
-def default(value, fallback):
-    """`value` unless it is None, else `fallback` (called if callable)."""
-    if exists(value):
-        return value
-    return fallback() if callable(fallback) else fallback
-
-
 def masked_mean(x: Tensor, mask: Tensor | None = None, dim=None) -> Tensor:
     """Mean of `x` over entries where `mask` is True (all entries if mask is None)."""
     if not exists(mask):
@@ -48,10 +41,6 @@ def masked_whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True
     if not shift_mean:
         whitened = whitened + mean
     return whitened if not exists(mask) else whitened * mask
-
-
-def log(t: Tensor, eps: float = 1e-20) -> Tensor:
-    return t.clamp(min=eps).log()
 
 
 def bits_per_char(loss_nats: float) -> float:

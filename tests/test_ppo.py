@@ -183,3 +183,20 @@ def test_ppo_cli_resume_equals_uninterrupted(ppo_setup, tmp_path):
     assert full["results"]["reference policy (before PPO)"] == rest["results"]["reference policy (before PPO)"]
     eval_json = json.loads((tmp_path / "full" / "eval.json").read_text())
     assert "gold_gain_in_std" in eval_json and (tmp_path / "full" / "ppo.png").is_file()
+
+
+def test_ppo_cli_with_a_prompts_file(ppo_setup, tmp_path):
+    base, d, _ = ppo_setup
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"question {i}:"}) for i in range(5)))
+    out = train.main(["ppo", "--init", str(base), "--reward", str(d / "rm" / "last.pt"), "--prompts", str(prompts),
+                      "--iterations", "1", "--prompts-per-iter", "4", "--minibatch-size", "2", "--max-new-tokens", "6",
+                      "--ppo-epochs", "1", "--eval-prompts", "3", "--best-of", "0", "--checkpoint-dir",
+                      str(tmp_path / "ppo"), "--quiet"])
+    after = out["results"]["PPO policy (after)"]
+    assert out["iterations"] == 1 and after["rm_score"] == after["rm_score"]  # ran, and scored (not NaN)
+    assert len(out["history"]) == 1 and out["history"][0]["response_tokens"] > 0
+    prompts.write_text(json.dumps({"question": "no prompt field"}))
+    with pytest.raises(ValueError, match=r"prompts.jsonl:1: missing field 'prompt'"):
+        train.main(["ppo", "--init", str(base), "--reward", str(d / "rm" / "last.pt"), "--prompts", str(prompts),
+                    "--checkpoint-dir", str(tmp_path / "ppo2"), "--quiet"])
