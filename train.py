@@ -31,8 +31,8 @@ from palm_rlhf.reward import (RewardModel, bradley_terry_loss, load_reward_model
                               rating_bins_loss, regression_loss)
 from palm_rlhf.sampling import generate
 from palm_rlhf.training import (MetricsLog, finish, load_checkpoint, load_model, make_accelerator, make_optimizer,
-                                params_fingerprint, run_training, save_checkpoint, save_plot, step_generator,
-                                step_seed)
+                                params_fingerprint, restore, run_training, save_checkpoint, save_plot,
+                                step_generator, step_seed)
 from palm_rlhf.utils import bits_per_char
 
 STAGES = ("pretrain", "make-preferences", "sft", "reward", "ppo")
@@ -217,12 +217,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = PaLM(config)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    start = 0
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
+    start = restore(state, model, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     if main:
@@ -327,11 +322,7 @@ def sft(args: argparse.Namespace) -> dict:
     else:
         params = list(model.parameters())
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    start = 0
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    start = restore(state, model, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
 
@@ -377,11 +368,7 @@ def reward(args: argparse.Namespace) -> dict:
     rm.freeze_base()
     params = rm.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    start = 0
-    if state:
-        rm.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    start = restore(state, rm, optimizer)
     model, optimizer = accelerator.prepare(rm, optimizer)
 
     def forward(items):

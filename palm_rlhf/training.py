@@ -83,6 +83,16 @@ def load_checkpoint(path, stage: str | None = None) -> dict:
     return state
 
 
+def restore(state: dict | None, model: torch.nn.Module, optimizer) -> int:
+    """Load a resume state into model, optimizer and the global RNG; returns the step to start from (0: fresh)."""
+    if not state:
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
 def load_model(path, **config_overrides) -> PaLM:
     """A plain PaLM from a pretrain or SFT checkpoint (or the trunk of a reward-model checkpoint)."""
     state = load_checkpoint(path)
