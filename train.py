@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(checkpoint_dir=f"checkpoints/{name}", steps=300, lr=3e-4, warmup=20, eval_interval=50,
                        batch_size=16, checkpoint_interval=100, weight_decay=0.0)
 
-    p = sub.add_parser("ppo", help="RLHF: PPO against a frozen reward model, KL-penalised to the reference policy")
+    p = sub.add_parser("ppo", help="RLHF: PPO against a frozen reward model, KL-penalised to the reference policy",
+                       epilog="--max-grad-norm 0, --reward-clip 0 and --early-stop-kl 0 switch those off.")
     p.add_argument("--init", required=True, help="policy checkpoint (pretrain or sft): actor, reference and critic")
     p.add_argument("--reward", required=True, help="reward-model checkpoint (train.py reward)")
     p.add_argument("--prompts", default=None, help='JSONL of {"prompt": ...}; default: windows of --data')

@@ -56,11 +56,11 @@ class PPOConfig:
     clip_value: float = 0.2
     value_coef: float = 0.1
     entropy_coef: float = 0.0
-    max_grad_norm: float | None = 1.0
-    reward_clip: float | None = 10.0
+    max_grad_norm: float | None = 1.0   # None or 0: no clipping
+    reward_clip: float | None = 10.0    # None or 0: no clipping
     normalize_reward: bool = False   # running mean/std of reward-model scores
     whiten_advantages: bool = True
-    early_stop_kl: float | None = None  # stop the epochs when a minibatch's approximate KL exceeds this
+    early_stop_kl: float | None = None  # stop the epochs when a minibatch's approximate KL exceeds this (0: off)
 
     def __post_init__(self):
         if self.prompts_per_iter % self.minibatch_size != 0:
@@ -338,7 +338,7 @@ class PPOTrainer:
         if cfg.normalize_reward:
             self.reward_moments.update(self.accelerator.gather(s))
             s = (s - self.reward_moments.mean) / self.reward_moments.std
-        if exists(cfg.reward_clip):
+        if exists(cfg.reward_clip) and cfg.reward_clip > 0:
             s = s.clamp(-cfg.reward_clip, cfg.reward_clip)
         rewards = -self.kl_ctl.beta * kl
         last = mask.long().sum(dim=1) - 1
@@ -374,13 +374,13 @@ class PPOTrainer:
                 if first_ratio is None:
                     first_ratio = ratio.detach()[mb["mask"]]
                 acc.backward(loss)
-                if exists(cfg.max_grad_norm):
+                if exists(cfg.max_grad_norm) and cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 for k, val in zip(stats, (pg, vf, ent, pg_clip, vf_clip, approx_kl)):
                     stats[k].append(val.item())
-                if exists(cfg.early_stop_kl):
+                if exists(cfg.early_stop_kl) and cfg.early_stop_kl > 0:
                     kl_all = acc.reduce(approx_kl.detach().reshape(1), reduction="mean").item()
                     stop = kl_all > cfg.early_stop_kl
                     if stop:

@@ -114,7 +114,7 @@ def test_memory_is_linear_in_sequence_length(base):
 
 
 @pytest.mark.parametrize("branch", [
-    dict(lora_r=0), dict(max_grad_norm=None), dict(adaptive_kl=False), dict(entropy_coef=0.01),
+    dict(lora_r=0), dict(max_grad_norm=None), dict(max_grad_norm=0.0), dict(adaptive_kl=False), dict(entropy_coef=0.01),
     dict(early_stop_kl=1e-9), dict(normalize_reward=True, reward_clip=None), dict(top_k=20, top_p=0.95),
     dict(eos_token=ord(" ")),
 ])
