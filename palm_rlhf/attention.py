@@ -57,6 +57,10 @@ def visible_mask(i: int, j: int, causal: bool, kv_mask: Tensor | None, device) -
     """Boolean (b or 1, i, j) mask of which keys each query sees, by the rules in the module docstring."""
     if not causal and not exists(kv_mask):
         return None
+    if i == 1 and exists(kv_mask):  # a decode step: the last key column, which sees every real key and itself
+        allowed = kv_mask.clone()
+        allowed[:, -1] = True
+        return allowed[:, None, :]
     cols = torch.arange(j, device=device)
     q_cols = torch.arange(j - i, j, device=device)
     allowed = torch.ones(1, i, j, dtype=torch.bool, device=device)
@@ -91,10 +95,6 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, kv_mask
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if not exists(kv_mask) and i == j:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if i == 1:  # a decode step: the query is the last key; it sees every real key and itself
-        allowed = kv_mask.clone()
-        allowed[:, -1] = True
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None], enable_gqa=gqa)
     allowed = visible_mask(i, j, causal, kv_mask, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=gqa)
 

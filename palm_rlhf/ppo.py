@@ -328,7 +328,9 @@ class PPOTrainer:
             with self.accelerator.autocast():
                 logits, v = self.model(seq[idx], seq_mask[idx])
             logprobs[idx] = response_logprobs(logits, seq[idx], p, cfg)[0].float()
-            actor_lp[idx] = response_logprobs(logits, seq[idx], p, cfg, filtered=False)[0].float()
+            # the KL penalty uses the unfiltered distribution; without top-k / top-p the two are the same
+            actor_lp[idx] = response_logprobs(logits, seq[idx], p, cfg, filtered=False)[0].float() \
+                if exists(cfg.top_k) or exists(cfg.top_p) else logprobs[idx]
             values[idx] = v[:, p - 1:-1].float()
         with self.accelerator.autocast():
             ref_lp = response_logprobs(self.ac.reference_logits(seq, seq_mask), seq, p, cfg, filtered=False)[0]
@@ -429,10 +431,11 @@ class PPOTrainer:
         if exists(self.gold_fn):
             gold = self.gold_fn(gen.tokens[pick], gen.mask[pick])
             out.update(gold_score=gold.mean().item(), gold_score_std=gold.std().item() if len(pick) > 1 else 0.0)
-        if best_of == 1:
+        if best_of == 1 and not actor:
+            out["kl"] = 0.0  # samples of the reference policy itself
+        elif best_of == 1:
             with self.accelerator.autocast():
-                actor_lp = response_logprobs(self.ac.actor_logits(seq, seq_mask) if actor else
-                                             self.ac.reference_logits(seq, seq_mask), seq, p, self.cfg, False)[0]
+                actor_lp = response_logprobs(self.ac.actor_logits(seq, seq_mask), seq, p, self.cfg, False)[0]
                 ref_lp = response_logprobs(self.ac.reference_logits(seq, seq_mask), seq, p, self.cfg, False)[0]
             out["kl"] = ((actor_lp.float() - ref_lp.float()) * gen.mask).sum(1).mean().item()
         else:

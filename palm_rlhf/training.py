@@ -6,11 +6,13 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from tqdm import tqdm
 
 from .palm import PaLM, PaLMConfig
 from .utils import atomic_torch_save, exists, safe_torch_load
@@ -176,10 +178,6 @@ def run_training(accelerator, model, optimizer, *, args, stage: str, config: PaL
     after_step(step)                                   e.g. printing samples
     extra_state() -> dict                              stored in the checkpoint's "extra" (plain values only)
     """
-    from contextlib import nullcontext
-
-    from tqdm import tqdm
-
     main = accelerator.is_main_process
     ckpt_dir = Path(args.checkpoint_dir)
     raw_model = accelerator.unwrap_model(model)
