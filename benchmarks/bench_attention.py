@@ -2,6 +2,11 @@
 
     python benchmarks/bench_attention.py            # GPU: Triton vs SDPA vs reference; CPU: SDPA vs reference
     python benchmarks/bench_attention.py --quick    # fewer shapes
+    python benchmarks/bench_attention.py --sections attention,train   # a subset (attention, decode, train, rotary)
+
+Triton runs twice on the GPU: "triton" computes dQ in its own kernel, "triton_atomic" adds it from the dK/dV kernel
+(palm_rlhf.kernels.flash_attention.DQ_MODE). Training runs each backend with the fused rotary kernel and SDPA also
+without it (rotary in PyTorch, as before the kernel existed).
 
 Multi-query attention (one k/v head), causal, bf16 on GPU (fp32 on CPU). SDPA runs twice: with k/v expanded to
 all heads beforehand (expansion not timed) and with enable_gqa=True. FLOPs count the causal half only:
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -22,8 +28,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, print_table, save_json, timeit  # noqa: E402
 
+import palm_rlhf.attention as attention  # noqa: E402
 from palm_rlhf.attention import reference_attention, triton_available  # noqa: E402
 from palm_rlhf.palm import PaLM, PaLMConfig, apply_rotary, next_token_loss  # noqa: E402
+
+
+class dq_mode:
+    """Run the Triton backward with this dQ mode inside the block."""
+
+    def __init__(self, mode):
+        self.mode = mode
+
+    def __enter__(self):
+        if self.mode:
+            import importlib
+            self.module = importlib.import_module("palm_rlhf.kernels.flash_attention")
+            self.before, self.module.DQ_MODE = self.module.DQ_MODE, self.mode
+
+    def __exit__(self, *exc):
+        if self.mode:
+            self.module.DQ_MODE = self.before
 
 
 def providers(device):
@@ -34,7 +58,8 @@ def providers(device):
     }
     if device == "cuda" and triton_available():
         from palm_rlhf.kernels import flash_attention
-        p = {"triton": lambda q, k, v: flash_attention(q, k, v, causal=True), **p}
+        p = {"triton": lambda q, k, v: flash_attention(q, k, v, causal=True),
+             "triton_atomic": lambda q, k, v: flash_attention(q, k, v, causal=True), **p}
     return p
 
 
@@ -59,10 +84,12 @@ def attention_table(device, dtype, seqs, dims, heads_list, tokens, ref_max_seq):
                     qg, kg, vg = (t.detach().requires_grad_() for t in (q, kk, vv))
                     with torch.no_grad():
                         t_f = timeit(lambda: fn(q, kk, vv), device=device)
+
                     def fwd_bwd():
                         qg.grad = kg.grad = vg.grad = None
                         fn(qg, kg, vg).backward(do)
-                    t_fb = timeit(fwd_bwd, device=device)
+                    with dq_mode("atomic" if name == "triton_atomic" else "kernel" if name == "triton" else None):
+                        t_fb = timeit(fwd_bwd, device=device)
                     row[f"{name}_fwd"] = fwd_flops / t_f / 1e12
                     row[f"{name}_fwdbwd"] = 3.5 * fwd_flops / t_fb / 1e12
                     del qg, kg, vg
@@ -95,11 +122,14 @@ def decode_table(device, dtype, lengths, batch, heads, d):
 
 
 def training_table(device, preset, seqs, batch_tokens, backends):
+    """backends: labels "<backend>[_atomic][+rotary]"; +rotary = the fused rotary kernel, else rotary in PyTorch."""
     rows = []
     for n in seqs:
         b = max(1, batch_tokens // n)
         row = {"seq": n, "batch": b}
-        for backend in backends:
+        for label in backends:
+            backend = label.split("+")[0].replace("_atomic", "")
+            attention.FUSED_ROTARY = label.endswith("+rotary")
             torch.manual_seed(0)
             model = PaLM(PaLMConfig.preset(preset, max_seq_len=n + 1, attn_backend=backend)).to(device)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
@@ -112,36 +142,47 @@ def training_table(device, preset, seqs, batch_tokens, backends):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             try:
-                t = timeit(step, warmup=3, reps=8 if device == "cuda" else 3, device=device if device == "cpu" else "cuda_loop")
+                with dq_mode("atomic" if "_atomic" in label else "kernel") if backend == "triton" else nullcontext():
+                    t = timeit(step, warmup=3, reps=8 if device == "cuda" else 3,
+                               device=device if device == "cpu" else "cuda_loop")
             except torch.OutOfMemoryError:
-                row[f"{backend}_tok_s"] = "OOM"
+                row[f"{label} tok/s"] = "OOM"
                 continue
-            row[f"{backend}_tok_s"] = b * n / t
+            row[f"{label} tok/s"] = b * n / t
             del model, opt
+        attention.FUSED_ROTARY = True
         rows.append(row)
         print(row, flush=True)
     return rows
 
 
-def rotary_share(device, preset, n, b):
-    """Upper bound on what fusing rotary into the attention kernel could save: its fwd+bwd time per training step."""
+def rotary_time(device, preset, n, b, fused: bool):
+    """Forward + backward time of the q/k rotary per training step (all layers), on the fused projection's view."""
     c = PaLMConfig.preset(preset)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    q = torch.randn(b, c.heads, n, c.dim_head, device=device, dtype=dtype, requires_grad=True)
-    k = torch.randn(b, 1, n, c.dim_head, device=device, dtype=dtype, requires_grad=True)
-    model = PaLM(c).to(device)
-    cos, sin, _ = model.rotary(torch.arange(n, device=device).expand(b, n))
+    heads = c.heads + c.kv_heads
+    proj = torch.randn(b, n, heads * c.dim_head, device=device, dtype=dtype, requires_grad=True)
+    qk = proj.view(b, n, heads, c.dim_head).transpose(1, 2)
+    grad = torch.randn(b, heads, n, c.dim_head, device=device, dtype=dtype)
+    cos, sin, _ = PaLM(c).rotary.to(device)(torch.arange(n, device=device).expand(b, n))
+    if fused:
+        from palm_rlhf.kernels import fused_rotary as rotate
+    else:
+        rotate = apply_rotary
 
     def rot():
-        (apply_rotary(q, cos, sin).sum() + apply_rotary(k, cos, sin).sum()).backward()
+        proj.grad = None
+        rotate(qk, cos, sin).backward(grad)
     return timeit(rot, device=device) * c.depth
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file (after each section)")
+    p.add_argument("--sections", default="attention,decode,train,rotary", help="which, in this order")
     args = p.parse_args()
+    results = {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"machine: {machine()}")
     if device == "cuda":
@@ -150,12 +191,39 @@ def main():
         if args.quick:
             seqs, heads = [1024, 4096], [8]
         dec_lengths, train_seqs, preset = [512, 1024, 2048, 4096, 8192], [1024, 4096], "enwik8"
-        backends = ["triton", "sdpa", "reference"]
+        backends = ["sdpa", "sdpa+rotary", "triton+rotary", "triton_atomic+rotary", "reference"]
         train_tokens = 16384
     else:
         dtype, seqs, dims, heads, tokens, ref_max = torch.float32, [128, 256, 512], [64], [8], 2048, 512
         dec_lengths, train_seqs, preset, backends, train_tokens = [512, 2048], [256], "tiny", ["sdpa", "reference"], 1024
+    for section in args.sections.split(","):
+        if section == "attention":
+            attention_section(device, dtype, seqs, dims, heads, tokens, ref_max, results, args.json)
+        elif section == "decode":
+            dec = decode_table(device, dtype, dec_lengths, batch=8, heads=16 if device == "cuda" else 8,
+                               d=128 if device == "cuda" else 64)
+            print_table("decode latency (us), batch 8, one k/v head", list(dec[0].keys()),
+                        [list(r.values()) for r in dec])
+            results["decode"] = dec
+        elif section == "train":
+            train = training_table(device, preset, train_seqs, train_tokens, backends)
+            print_table(f"PaLM '{preset}' training tokens/s (fwd+bwd+AdamW"
+                        f"{', bf16 autocast' if device == 'cuda' else ''})",
+                        list(train[0].keys()), [list(r.values()) for r in train])
+            results["training"] = train
+        elif section == "rotary":
+            n_rot, b_rot = (1024, 16) if device == "cuda" else (256, 4)
+            results["rotary_ms"] = {"pytorch": rotary_time(device, preset, n_rot, b_rot, fused=False) * 1e3}
+            if device == "cuda" and triton_available():
+                results["rotary_ms"]["fused"] = rotary_time(device, preset, n_rot, b_rot, fused=True) * 1e3
+            print(f"\nq/k rotary fwd+bwd per training step ('{preset}', all layers, seq {n_rot} batch {b_rot}): "
+                  + ", ".join(f"{k} {v:.2f} ms" for k, v in results["rotary_ms"].items()))
+        else:
+            raise SystemExit(f"unknown section {section!r}; choose from attention, decode, train, rotary")
+        save_json(args.json, results)
 
+
+def attention_section(device, dtype, seqs, dims, heads, tokens, ref_max, results, json_path):
     attn = attention_table(device, dtype, seqs, dims, heads, tokens, ref_max)
     names = [k[:-4] for k in attn[0] if k.endswith("_fwd")]
     print_table(f"attention TFLOP/s, causal MQA, {dtype}, {machine()}", ["d", "heads", "seq", "batch"] +
@@ -166,21 +234,11 @@ def main():
         for r in attn:
             if r["seq"] == 4096 and "sdpa_gqa_fwdbwd" in r:
                 best = max(r["sdpa_gqa_fwdbwd"], r["sdpa_expanded_fwdbwd"])
-                print(f"seq 4096 d {r['d']} h {r['heads']}: triton fwd+bwd / best SDPA = "
-                      f"{r['triton_fwdbwd'] / best:.2f}x; triton fwd = {r['triton_fwd']:.0f} TFLOP/s")
-
-    dec = decode_table(device, dtype, dec_lengths, batch=8, heads=16 if device == "cuda" else 8,
-                       d=128 if device == "cuda" else 64)
-    print_table("decode latency (us), batch 8, one k/v head", list(dec[0].keys()),
-                [list(r.values()) for r in dec])
-
-    train = training_table(device, preset, train_seqs, train_tokens, backends)
-    print_table(f"PaLM '{preset}' training tokens/s (fwd+bwd+AdamW{', bf16 autocast' if device == 'cuda' else ''})",
-                list(train[0].keys()), [list(r.values()) for r in train])
-    n_rot, b_rot = (1024, 16) if device == "cuda" else (256, 4)
-    rot = rotary_share(device, preset, n_rot, b_rot)
-    print(f"\nrotary (unfused, fwd+bwd, all layers) at seq {n_rot} batch {b_rot}: {rot * 1e3:.2f} ms per step")
-    save_json(args.json, {"attention": attn, "decode": dec, "training": train, "rotary_ms": rot * 1e3})
+                print(f"seq 4096 d {r['d']} h {r['heads']}: fwd+bwd / best SDPA = triton {r['triton_fwdbwd'] / best:.2f}x"
+                      f", triton_atomic {r['triton_atomic_fwdbwd'] / best:.2f}x; triton fwd = "
+                      f"{r['triton_fwd']:.0f} TFLOP/s")
+    results["attention"] = attn
+    save_json(json_path, results)
 
 
 if __name__ == "__main__":

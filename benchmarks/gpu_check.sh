@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call: GPU kernel tests, then the attention benchmark. Results land in $OUT (or ./gpu_out).
-# Usage on a GPU machine: bash benchmarks/gpu_check.sh
+# One device call: focused GPU kernel tests, then the attention benchmark, most important sections first. Each part
+# has its own time limit and the benchmark writes its JSON after every section, so a cut-off run still reports.
+# Usage on a GPU machine: bash benchmarks/gpu_check.sh   (results in $OUT, or ./gpu_out)
 set -u -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -11,7 +12,8 @@ fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$OUT/gpu.txt"
-PALM_TEST_DEVICE=cuda PALM_TRITON_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider \
+git status --short 2>/dev/null | head -20 | tee -a "$OUT/gpu.txt"
+PALM_TEST_DEVICE=cuda PALM_TRITON_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider \
   ${TEST_ARGS:-tests/test_kernels.py tests/test_attention_backends.py} 2>&1 | tail -40 | tee "$OUT/gpu_tests.log"
-timeout ${BENCH_TIMEOUT:-330} python3 benchmarks/bench_attention.py ${BENCH_ARGS:-} --json "$OUT/bench_attention.json" \
-  2>&1 | tee "$OUT/bench_attention.log"
+timeout ${BENCH_TIMEOUT:-380} python3 benchmarks/bench_attention.py ${BENCH_ARGS:---sections rotary,train,attention,decode} \
+  --json "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench_attention.log"

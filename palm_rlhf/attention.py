@@ -20,6 +20,7 @@ kernels measured 0.61-0.76x SDPA's speed for forward+backward, see README, so th
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -31,6 +32,7 @@ from .utils import exists
 
 BACKENDS = ("auto", "reference", "sdpa", "triton")
 _default_backend = os.environ.get("PALM_ATTN_BACKEND", "auto")
+FUSED_ROTARY = os.environ.get("PALM_FUSED_ROTARY", "1") != "0"
 
 
 def set_backend(name: str) -> None:
@@ -41,6 +43,7 @@ def set_backend(name: str) -> None:
     _default_backend = name
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -51,6 +54,18 @@ def triton_available() -> bool:
 
 def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_fused_rotary(x: Tensor, backend: str | None) -> bool:
+    """Rotate q/k with the Triton kernel: on CUDA with any backend but 'reference' (set PALM_FUSED_ROTARY=0 to turn it
+    off), and on CPU only under the Triton interpreter with the 'triton' backend (tests)."""
+    half = x.shape[-1] // 2
+    if not FUSED_ROTARY or half < 4 or half & (half - 1) or x.shape[-1] % 2 or not triton_available():
+        return False
+    backend = backend if backend not in (None, "auto") else _default_backend
+    if x.is_cuda:
+        return backend != "reference"
+    return backend == "triton" and _triton_interpreting()
 
 
 def visible_mask(i: int, j: int, causal: bool, kv_mask: Tensor | None, device) -> Tensor | None:

@@ -9,6 +9,12 @@
 
 Adapted layers keep their parameter names (`...to_fused.weight`), so base checkpoints load unchanged; each scope
 adds `...to_fused.lora_A.<scope>` and `...lora_B.<scope>`. B starts at zero, so a new adapter changes nothing.
+
+Without autograd (sampling, scoring, PPO rollouts) an adapted layer runs one matmul with W + sum(B A * alpha / r),
+built once per `use_lora` block and rebuilt whenever a weight changes in place (an optimizer step), instead of the
+base matmul plus two low-rank ones per call: the KV-cached sampler calls each layer once per token. Set
+`LoRALinear.merge_without_grad = False` to turn this off (it holds one merged copy of each adapted weight while a
+block is open).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ DEFAULT_TARGETS = ("to_fused", "attn_out")
 class LoRALinear(nn.Linear):
     """nn.Linear (sharing the original weight) plus named low-rank adapters, each switched on or off."""
 
+    merge_without_grad = True
+
     def __init__(self, base: nn.Linear):
         super().__init__(base.in_features, base.out_features, bias=False, device=base.weight.device,
                          dtype=base.weight.dtype)
@@ -33,6 +41,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.ParameterDict()
         self.scales: dict[str, float] = {}
         self.active: tuple[str, ...] = ()
+        self._merged: tuple | None = None     # (key, W + deltas of the active scopes), see merged_weight
 
     def add(self, scope: str, r: int, alpha: float) -> None:
         if scope in self.lora_A:
@@ -46,7 +55,18 @@ class LoRALinear(nn.Linear):
     def delta(self, scope: str) -> Tensor:
         return (self.lora_B[scope] @ self.lora_A[scope]) * self.scales[scope]
 
+    def merged_weight(self) -> Tensor:
+        """W plus the active adapters, cached until a scope switch or an in-place update of any of the weights."""
+        tensors = [self.weight] + [t for s in self.active for t in (self.lora_A[s], self.lora_B[s])]
+        key = (self.active, tuple((id(t), t._version) for t in tensors))
+        if self._merged is None or self._merged[0] != key:
+            with torch.no_grad():
+                self._merged = (key, self.weight + sum(self.delta(s) for s in self.active))
+        return self._merged[1]
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.active and self.merge_without_grad and not torch.is_grad_enabled():
+            return nn.functional.linear(x, self.merged_weight())
         out = super().forward(x)
         for scope in self.active:
             out = out + (x @ self.lora_A[scope].t()) @ self.lora_B[scope].t() * self.scales[scope]
@@ -108,6 +128,7 @@ def use_lora(model: nn.Module, *scopes: str):
     finally:
         for layer, active in zip(lora_layers(model), before):
             layer.active = active
+            layer._merged = None  # free the merged copy
 
 
 @torch.no_grad()

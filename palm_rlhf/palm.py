@@ -23,6 +23,7 @@ from beartype import beartype
 from einops import rearrange
 from torch import Tensor, nn
 
+from . import attention
 from .attention import BACKENDS, attend
 from .utils import exists
 
@@ -124,6 +125,14 @@ class RotaryEmbedding(nn.Module):
         return cos, sin, scale
 
 
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, backend: str | None = None) -> Tensor:
+    """apply_rotary, or the same maths in one fused Triton pass where attention.use_fused_rotary says so."""
+    if attention.use_fused_rotary(x, backend):
+        from .kernels import fused_rotary
+        return fused_rotary(x, cos, sin)
+    return apply_rotary(x, cos, sin)
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, scale: Tensor | None = None) -> Tensor:
     """x * cos + rotate_half(x) * sin, computed in fp32 (cos/sin are fp32), returned in x's dtype."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -171,7 +180,7 @@ class ParallelTransformerBlock(nn.Module):
             q, k = qk.split((h, g), dim=1)
             q, k = apply_rotary(q, cos, sin, scale), apply_rotary(k, cos, sin, scale.reciprocal())
         else:              # q and k are adjacent in the fused projection: rotate them in one go
-            q, k = apply_rotary(qk, cos, sin).split((h, g), dim=1)
+            q, k = rotate(qk, cos, sin, c.attn_backend).split((h, g), dim=1)
 
         if exists(cache):
             k, v = cache.update(layer, k, v)                                      # (b, g, j, d): all keys so far

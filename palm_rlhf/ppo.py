@@ -241,6 +241,7 @@ class Memory:
     scores: Tensor          # reward-model scores (b,)
     kl: Tensor              # per-token log pi - log pi_ref (temperature-scaled, unfiltered)
     order: Tensor           # the first epoch's minibatch order (old log-probs were computed in this grouping)
+    first_forward: tuple | None = None  # (logits, values) of that first minibatch, with autograd graph; see rollout
 
     def minibatch(self, idx: Tensor) -> dict:
         keys = ("sequences", "sequence_mask", "mask", "logprobs", "values", "advantages", "returns")
@@ -316,7 +317,13 @@ class PPOTrainer:
         return self.reward_fn(seq, seq_mask, response), seq, seq_mask
 
     @torch.no_grad()
-    def rollout(self, prompts: list[Tensor]) -> Memory:
+    def rollout(self, prompts: list[Tensor], keep_first_forward: bool = False) -> Memory:
+        """Sample, score, and compute old log-probs, values, rewards and advantages.
+
+        keep_first_forward: the first minibatch of the first epoch runs at exactly the weights the old log-probs are
+        computed with, so its forward pass here is also the learning forward pass; keep its graph in the memory and
+        `learn` skips recomputing it (step() does this; it saves one of the 1 + epochs x minibatches forwards).
+        """
         cfg = self.cfg
         gen = self.sample(prompts, self._generator("rollout", self.iteration))
         scores, seq, seq_mask = self.score(gen)
@@ -324,9 +331,14 @@ class PPOTrainer:
         b, t = mask.shape
         order = torch.randperm(b, generator=self._generator("order", self.iteration, 0)).to(seq.device)
         logprobs, values, actor_lp = (torch.zeros(b, t, device=seq.device) for _ in range(3))
-        for idx in order.split(cfg.minibatch_size):  # the first epoch's grouping: its ratios start at exactly 1
-            with self.accelerator.autocast():
+        first_forward = None
+        for n, idx in enumerate(order.split(cfg.minibatch_size)):  # the first epoch's grouping: ratios start at 1
+            keep = keep_first_forward and n == 0
+            with torch.set_grad_enabled(keep), self.accelerator.autocast():
                 logits, v = self.model(seq[idx], seq_mask[idx])
+            if keep:
+                first_forward = (logits, v)
+                logits, v = logits.detach(), v.detach()
             logprobs[idx] = response_logprobs(logits, seq[idx], p, cfg)[0].float()
             # the KL penalty uses the unfiltered distribution; without top-k / top-p the two are the same
             actor_lp[idx] = response_logprobs(logits, seq[idx], p, cfg, filtered=False)[0].float() \
@@ -350,7 +362,7 @@ class PPOTrainer:
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         return Memory(seq, seq_mask, p, mask, logprobs * fmask, gen.logprobs, ref_lp.float() * fmask, values,
-                      rewards, advantages, returns, scores.float(), kl, order)
+                      rewards, advantages, returns, scores.float(), kl, order, first_forward)
 
     def learn(self, memory: Memory) -> dict:
         cfg, acc = self.cfg, self.accelerator
@@ -365,7 +377,10 @@ class PPOTrainer:
             for idx in order.split(cfg.minibatch_size):
                 mb = memory.minibatch(idx)
                 with acc.autocast():
-                    logits, v = self.model(mb["sequences"], mb["sequence_mask"])
+                    if exists(memory.first_forward):  # computed by the rollout at these same weights
+                        (logits, v), memory.first_forward = memory.first_forward, None
+                    else:
+                        logits, v = self.model(mb["sequences"], mb["sequence_mask"])
                     lp, logp = response_logprobs(logits, mb["sequences"], p, cfg)
                     v = v[:, p - 1:-1].float()
                     pg, pg_clip, approx_kl, ratio = policy_loss(lp.float(), mb["logprobs"], mb["advantages"],
@@ -397,7 +412,7 @@ class PPOTrainer:
     def step(self, prompts: list[Tensor]) -> dict:
         """One PPO iteration: rollout, learn, adapt beta. Returns the iteration's statistics."""
         t0 = time.time()
-        memory = self.rollout(prompts)
+        memory = self.rollout(prompts, keep_first_forward=True)
         t_rollout = time.time() - t0
         stats = self.learn(memory)
         acc = self.accelerator

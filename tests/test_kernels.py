@@ -120,6 +120,21 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(grad, fused.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.fixture
+def atomic_dq(monkeypatch):
+    """The FlashAttention-2 backward variant: dQ added by the dK/dV kernel (atomics) instead of its own kernel."""
+    import sys
+    monkeypatch.setattr(sys.modules["palm_rlhf.kernels.flash_attention"], "DQ_MODE", "atomic")
+
+
+@pytest.mark.parametrize("seq,causal,padded,kv_heads,dtype", [
+    (17, True, True, 1, torch.float32), (127, False, False, 2, torch.float32), (50, True, False, 4, torch.float32),
+    (45, True, True, 1, torch.float16)])
+def test_atomic_dq_matches_reference(atomic_dq, seq, causal, padded, kv_heads, dtype):
+    check(2, 4, kv_heads, seq, seq, 32, dtype, causal, padded)
+    check(2, 4, kv_heads, seq // 2, seq, 16, dtype, causal, padded)   # fewer queries than keys
+
+
 def test_log_sum_exp():
     q, k, v, _ = make_inputs(1, 2, 1, 20, 20, 16, torch.float32, False)
     _, lse = flash_attention_lse(q, k, v, causal=True)
@@ -176,3 +191,45 @@ def test_unsupported_inputs_raise():
 def test_gpu_large(dtype, d):
     check(2, 8, 1, 1000, 1000, d, dtype, True, True)
     check(2, 8, 2, 1024, 1024, d, dtype, False, False)
+
+
+@pytest.mark.parametrize("n", [1, 17, 70])
+@pytest.mark.parametrize("d", [8, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_rotary_matches_pytorch(n, d, dtype):
+    """The fused rotary (forward and backward) == apply_rotary on the strided q/k view of a fused projection, with
+    per-row positions (a left-padded row) as the model passes them."""
+    from palm_rlhf.kernels import fused_rotary
+    from palm_rlhf.palm import RotaryEmbedding, apply_rotary
+    b, heads = 2, 5
+    gen = torch.Generator().manual_seed(0)
+    proj = torch.randn(b, n, heads * d + 3, generator=gen).to(DEVICE, dtype).requires_grad_()
+    view = lambda t: t[..., : heads * d].view(b, n, heads, d).transpose(1, 2)  # noqa: E731  strided, as in the model
+    positions = torch.stack([torch.arange(n), (torch.arange(n) - 3).clamp(min=0)]).to(DEVICE)
+    cos, sin, _ = RotaryEmbedding(d).to(DEVICE)(positions)
+    grad = torch.randn(b, heads, n, d, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    out = fused_rotary(view(proj), cos, sin)
+    out.backward(grad)
+    ref_proj = proj.detach().double().requires_grad_()
+    ref = apply_rotary(view(ref_proj), cos.double(), sin.double())
+    ref.backward(grad.double())
+    tol = 1e-6 if dtype == torch.float32 else 2e-3   # fp16: one rounding of an O(1) result
+    assert out.dtype == dtype and out.shape == (b, heads, n, d)
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(proj.grad.double(), ref_proj.grad, atol=tol, rtol=tol)  # the extra columns get 0
+
+
+def test_fused_rotary_rejects_what_it_cannot_do():
+    from palm_rlhf.kernels import fused_rotary
+    x = torch.randn(1, 2, 3, 12, device=DEVICE)
+    cos = torch.ones(1, 1, 3, 12, device=DEVICE)
+    with pytest.raises(ValueError, match="power of two"):
+        fused_rotary(x, cos, cos)
+    with pytest.raises(ValueError, match="cos and sin must be"):
+        fused_rotary(torch.randn(1, 2, 3, 16, device=DEVICE), cos, cos)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="large shapes: GPU only")
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_large_atomic_dq(atomic_dq, d):
+    check(2, 8, 1, 1000, 1000, d, torch.bfloat16, True, True)

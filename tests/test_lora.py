@@ -71,3 +71,32 @@ def test_errors(model):
         merge_lora(model, "b")
     with pytest.raises(ValueError, match="no nn.Linear named"):
         add_lora(model, "c", targets=("nothing",))
+
+
+def test_no_grad_path_uses_a_merged_weight_that_follows_every_update(model):
+    """Without autograd the adapted layers run W + BA in one matmul; it must track optimizer steps and scope switches."""
+    tokens = torch.randint(0, 256, (2, 10))
+    actor = add_lora(model, "actor", r=4)
+    critic = add_lora(model, "critic", r=4)
+    perturb(actor + critic, 3)
+    opt = torch.optim.AdamW(actor, lr=1e-2)
+    layer = model.layers[0].to_fused
+    for _ in range(2):
+        for scope in ("actor", "critic", "actor"):
+            with use_lora(model, scope):
+                with torch.no_grad():
+                    merged = model(tokens)
+                    assert layer._merged is not None                 # the merged path ran
+                unmerged = model(tokens)                             # autograd on: base + low-rank matmuls
+            assert layer._merged is None                             # freed when the block closes
+            # (each block rebuilds it; the in-place check below covers a change inside one block)
+            torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+        with use_lora(model, "actor"):
+            model(tokens).logsumexp(-1).mean().backward()
+        opt.step()                                                   # in-place update: the cache must notice
+        opt.zero_grad()
+    with use_lora(model, "actor"), torch.no_grad():
+        a = model(tokens)
+        with torch.no_grad():
+            layer.lora_B["actor"].zero_()                            # any in-place change invalidates it
+        assert not torch.equal(model(tokens), a)

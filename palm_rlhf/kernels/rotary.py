@@ -1,0 +1,79 @@
+"""Rotary embedding of q and k in one Triton pass, forward and backward.
+
+The PyTorch form (palm_rlhf.palm.apply_rotary) makes several full-size fp32 temporaries per call (x * cos, the
+rotate-half copy, x' * sin, the sum, the cast back) and as many again in the backward. Here each element of the
+fused q/k projection is read once and written once, in fp32 registers, in both directions; cos/sin are loaded once
+per (row, position) and reused by every head. Measured effect on an H100: README, "Attention kernels".
+
+Input: x (b, heads, n, d), any strides with a contiguous last axis (the view of the fused projection the model
+makes, q and k heads together); cos and signed sin as palm_rlhf.palm.RotaryEmbedding returns them (b, 1, n, d),
+fp32. Output: x's dtype, laid out (b, n, heads, d) in memory and returned as the (b, heads, n, d) view, as the
+model's projection view is. Any even d whose half is a power of two (4..128 measured). No xPos scale (the model
+falls back to PyTorch for xPos).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotary_kernel(X, COS, SIN, OUT, stride_xb, stride_xh, stride_xn, stride_cb, stride_cn,
+                   stride_ob, stride_oh, stride_on, HEADS, N, SIGN: tl.constexpr, HALF: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    b = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HALF)
+    rows = offs_n[:, None] < N
+    cs = b * stride_cb + offs_n[:, None] * stride_cn + offs_d[None, :]
+    cos = tl.load(COS + cs, mask=rows, other=0.0).to(tl.float32)
+    sin = tl.load(SIN + cs + HALF, mask=rows, other=0.0).to(tl.float32) * SIGN  # second half holds +sin
+    x_ptr = X + b * stride_xb + offs_n[:, None] * stride_xn + offs_d[None, :]
+    o_ptr = OUT + b * stride_ob + offs_n[:, None] * stride_on + offs_d[None, :]
+    for h in range(HEADS):
+        x1 = tl.load(x_ptr + h * stride_xh, mask=rows, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + h * stride_xh + HALF, mask=rows, other=0.0).to(tl.float32)
+        tl.store(o_ptr + h * stride_oh, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=rows)
+        tl.store(o_ptr + h * stride_oh + HALF, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=rows)
+
+
+def _rotate(x, cos, sin, sign: float):
+    b, heads, n, d = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty((b, n, heads, d), device=x.device, dtype=x.dtype).transpose(1, 2)
+    block_n = min(64, triton.next_power_of_2(n))
+    _rotary_kernel[(triton.cdiv(n, block_n), b)](
+        x, cos, sin, out, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), heads, n, SIGN=sign, HALF=d // 2, BLOCK_N=block_n)
+    return out
+
+
+class RotaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1.0), None, None   # the transpose of a rotation is the opposite rotation
+
+
+def supported(x) -> bool:
+    half = x.shape[-1] // 2
+    return x.shape[-1] % 2 == 0 and half >= 4 and half & (half - 1) == 0
+
+
+def fused_rotary(x, cos, sin):
+    """x (b, heads, n, d) rotated by cos/sin (b, 1, n, d) as RotaryEmbedding returns them; differentiable in x."""
+    if not supported(x):
+        raise ValueError(f"fused rotary needs an even head dim whose half is a power of two >= 4, got {x.shape[-1]}")
+    if cos.shape != (x.shape[0], 1, x.shape[2], x.shape[3]) or sin.shape != cos.shape:
+        raise ValueError(f"cos and sin must be (b, 1, n, d) = {(x.shape[0], 1, x.shape[2], x.shape[3])}, got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
+    return RotaryFunction.apply(x, cos, sin)
