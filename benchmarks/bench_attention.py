@@ -4,9 +4,7 @@
     python benchmarks/bench_attention.py --quick    # fewer shapes
     python benchmarks/bench_attention.py --sections attention,train   # a subset (attention, decode, train, rotary)
 
-Triton runs twice on the GPU: "triton" computes dQ in its own kernel, "triton_atomic" adds it from the dK/dV kernel
-(palm_rlhf.kernels.flash_attention.DQ_MODE). Training runs each backend with the fused rotary kernel and SDPA also
-without it (rotary in PyTorch, as before the kernel existed).
+Training runs each backend with the fused rotary kernel ("+rotary") and SDPA also without it (rotary in PyTorch).
 
 Multi-query attention (one k/v head), causal, bf16 on GPU (fp32 on CPU). SDPA runs twice: with k/v expanded to
 all heads beforehand (expansion not timed) and with enable_gqa=True. FLOPs count the causal half only:
@@ -17,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -33,23 +30,6 @@ from palm_rlhf.attention import reference_attention, triton_available  # noqa: E
 from palm_rlhf.palm import PaLM, PaLMConfig, apply_rotary, next_token_loss  # noqa: E402
 
 
-class dq_mode:
-    """Run the Triton backward with this dQ mode inside the block."""
-
-    def __init__(self, mode):
-        self.mode = mode
-
-    def __enter__(self):
-        if self.mode:
-            import importlib
-            self.module = importlib.import_module("palm_rlhf.kernels.flash_attention")
-            self.before, self.module.DQ_MODE = self.module.DQ_MODE, self.mode
-
-    def __exit__(self, *exc):
-        if self.mode:
-            self.module.DQ_MODE = self.before
-
-
 def providers(device):
     p = {
         "sdpa_gqa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
@@ -58,8 +38,7 @@ def providers(device):
     }
     if device == "cuda" and triton_available():
         from palm_rlhf.kernels import flash_attention
-        p = {"triton": lambda q, k, v: flash_attention(q, k, v, causal=True),
-             "triton_atomic": lambda q, k, v: flash_attention(q, k, v, causal=True), **p}
+        p = {"triton": lambda q, k, v: flash_attention(q, k, v, causal=True), **p}
     return p
 
 
@@ -88,8 +67,7 @@ def attention_table(device, dtype, seqs, dims, heads_list, tokens, ref_max_seq):
                     def fwd_bwd():
                         qg.grad = kg.grad = vg.grad = None
                         fn(qg, kg, vg).backward(do)
-                    with dq_mode("atomic" if name == "triton_atomic" else "kernel" if name == "triton" else None):
-                        t_fb = timeit(fwd_bwd, device=device)
+                    t_fb = timeit(fwd_bwd, device=device)
                     row[f"{name}_fwd"] = fwd_flops / t_f / 1e12
                     row[f"{name}_fwdbwd"] = 3.5 * fwd_flops / t_fb / 1e12
                     del qg, kg, vg
@@ -122,13 +100,13 @@ def decode_table(device, dtype, lengths, batch, heads, d):
 
 
 def training_table(device, preset, seqs, batch_tokens, backends):
-    """backends: labels "<backend>[_atomic][+rotary]"; +rotary = the fused rotary kernel, else rotary in PyTorch."""
+    """backends: labels "<backend>[+rotary]"; +rotary = the fused rotary kernel, else rotary in PyTorch."""
     rows = []
     for n in seqs:
         b = max(1, batch_tokens // n)
         row = {"seq": n, "batch": b}
         for label in backends:
-            backend = label.split("+")[0].replace("_atomic", "")
+            backend = label.split("+")[0]
             attention.FUSED_ROTARY = label.endswith("+rotary")
             torch.manual_seed(0)
             model = PaLM(PaLMConfig.preset(preset, max_seq_len=n + 1, attn_backend=backend)).to(device)
@@ -142,9 +120,8 @@ def training_table(device, preset, seqs, batch_tokens, backends):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             try:
-                with dq_mode("atomic" if "_atomic" in label else "kernel") if backend == "triton" else nullcontext():
-                    t = timeit(step, warmup=3, reps=8 if device == "cuda" else 3,
-                               device=device if device == "cpu" else "cuda_loop")
+                t = timeit(step, warmup=3, reps=8 if device == "cuda" else 3,
+                           device=device if device == "cpu" else "cuda_loop")
             except torch.OutOfMemoryError:
                 row[f"{label} tok/s"] = "OOM"
                 continue
@@ -191,7 +168,7 @@ def main():
         if args.quick:
             seqs, heads = [1024, 4096], [8]
         dec_lengths, train_seqs, preset = [512, 1024, 2048, 4096, 8192], [1024, 4096], "enwik8"
-        backends = ["sdpa", "sdpa+rotary", "triton+rotary", "triton_atomic+rotary", "reference"]
+        backends = ["sdpa", "sdpa+rotary", "triton", "triton+rotary", "reference"]
         train_tokens = 16384
     else:
         dtype, seqs, dims, heads, tokens, ref_max = torch.float32, [128, 256, 512], [64], [8], 2048, 512
@@ -212,7 +189,7 @@ def main():
                         list(train[0].keys()), [list(r.values()) for r in train])
             results["training"] = train
         elif section == "rotary":
-            n_rot, b_rot = (1024, 16) if device == "cuda" else (256, 4)
+            n_rot, b_rot = (4096, 16) if device == "cuda" else (256, 4)  # large enough that launches do not dominate
             results["rotary_ms"] = {"pytorch": rotary_time(device, preset, n_rot, b_rot, fused=False) * 1e3}
             if device == "cuda" and triton_available():
                 results["rotary_ms"]["fused"] = rotary_time(device, preset, n_rot, b_rot, fused=True) * 1e3
@@ -234,9 +211,8 @@ def attention_section(device, dtype, seqs, dims, heads, tokens, ref_max, results
         for r in attn:
             if r["seq"] == 4096 and "sdpa_gqa_fwdbwd" in r:
                 best = max(r["sdpa_gqa_fwdbwd"], r["sdpa_expanded_fwdbwd"])
-                print(f"seq 4096 d {r['d']} h {r['heads']}: fwd+bwd / best SDPA = triton {r['triton_fwdbwd'] / best:.2f}x"
-                      f", triton_atomic {r['triton_atomic_fwdbwd'] / best:.2f}x; triton fwd = "
-                      f"{r['triton_fwd']:.0f} TFLOP/s")
+                print(f"seq 4096 d {r['d']} h {r['heads']}: triton fwd+bwd / best SDPA = "
+                      f"{r['triton_fwdbwd'] / best:.2f}x; triton fwd = {r['triton_fwd']:.0f} TFLOP/s")
     results["attention"] = attn
     save_json(json_path, results)
 

@@ -120,21 +120,6 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(grad, fused.grad, atol=1e-4, rtol=1e-4)
 
 
-@pytest.fixture
-def atomic_dq(monkeypatch):
-    """The FlashAttention-2 backward variant: dQ added by the dK/dV kernel (atomics) instead of its own kernel."""
-    import sys
-    monkeypatch.setattr(sys.modules["palm_rlhf.kernels.flash_attention"], "DQ_MODE", "atomic")
-
-
-@pytest.mark.parametrize("seq,causal,padded,kv_heads,dtype", [
-    (17, True, True, 1, torch.float32), (127, False, False, 2, torch.float32), (50, True, False, 4, torch.float32),
-    (45, True, True, 1, torch.float16)])
-def test_atomic_dq_matches_reference(atomic_dq, seq, causal, padded, kv_heads, dtype):
-    check(2, 4, kv_heads, seq, seq, 32, dtype, causal, padded)
-    check(2, 4, kv_heads, seq // 2, seq, 16, dtype, causal, padded)   # fewer queries than keys
-
-
 def test_log_sum_exp():
     q, k, v, _ = make_inputs(1, 2, 1, 20, 20, 16, torch.float32, False)
     _, lse = flash_attention_lse(q, k, v, causal=True)
@@ -228,8 +213,3 @@ def test_fused_rotary_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="cos and sin must be"):
         fused_rotary(torch.randn(1, 2, 3, 16, device=DEVICE), cos, cos)
 
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="large shapes: GPU only")
-@pytest.mark.parametrize("d", [64, 128])
-def test_gpu_large_atomic_dq(atomic_dq, d):
-    check(2, 8, 1, 1000, 1000, d, torch.bfloat16, True, True)

@@ -140,10 +140,9 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, s
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kvm_row, stride_qm, stride_dom, stride_dqm,
-                offs_n, offs_d, lo, hi, M, N, offset, qk_scale, sm_scale, CAUSAL: tl.constexpr,
-                HAS_KVM: tl.constexpr, BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr):
+def _dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, kvm_row, stride_qm, stride_dom, offs_n, offs_d,
+                lo, hi, M, N, offset, qk_scale, CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, BOUNDS: tl.constexpr,
+                BLOCK_M: tl.constexpr, IEEE: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :], mask=offs_m[:, None] < M, other=0.0)
@@ -161,21 +160,17 @@ def _dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kvm_row
         dpt = _dot(v, tl.trans(do), IEEE)
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst.to(q.dtype), q, IEEE)
-        if ATOMIC_DQ:  # FlashAttention-2's dQ: this tile's share, added into an fp32 buffer
-            dq = _dot(tl.trans(dst.to(k.dtype)), k, IEEE) * sm_scale
-            tl.atomic_add(dq_ptr + offs_m[:, None] * stride_dqm + offs_d[None, :], dq, mask=offs_m[:, None] < M)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KVM, qk_scale, sm_scale,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KVM, qk_scale, sm_scale,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     stride_dqb, stride_dqh, stride_dqm, stride_kvmb,
+                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_kvmb,
                      stride_split, H, G, M, N, GROUP, SPLITS, SEQ_BUCKET,
                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, IEEE: tl.constexpr,
-                     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bg = tl.program_id(1)
     split = tl.program_id(2)                               # which share of the query heads (partial sums)
@@ -205,17 +200,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KVM, qk_scale, sm_scal
         do_ptr = DO + b * stride_dob + h * stride_doh
         lse_ptr = LSE + (b * H + h) * M
         delta_ptr = DELTA + (b * H + h) * M
-        dq_ptr = DQ + b * stride_dqb + h * stride_dqh
         # tiles on the causal diagonal, then fully visible tiles, then the ragged last tile
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kvm_row, stride_qm, stride_dom,
-                             stride_dqm, offs_n, offs_d, lo, mid, M, N, offset, qk_scale, sm_scale, CAUSAL, HAS_KVM,
-                             True, BLOCK_M, IEEE, ATOMIC_DQ)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kvm_row, stride_qm, stride_dom,
-                             stride_dqm, offs_n, offs_d, mid, full_hi, M, N, offset, qk_scale, sm_scale, False,
-                             HAS_KVM, False, BLOCK_M, IEEE, ATOMIC_DQ)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kvm_row, stride_qm, stride_dom,
-                             stride_dqm, offs_n, offs_d, full_hi, M, M, N, offset, qk_scale, sm_scale, False,
-                             HAS_KVM, True, BLOCK_M, IEEE, ATOMIC_DQ)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, kvm_row, stride_qm, stride_dom,
+                             offs_n, offs_d, lo, mid, M, N, offset, qk_scale, CAUSAL, HAS_KVM, True, BLOCK_M, IEEE)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, kvm_row, stride_qm, stride_dom,
+                             offs_n, offs_d, mid, full_hi, M, N, offset, qk_scale, False, HAS_KVM, False,
+                             BLOCK_M, IEEE)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, kvm_row, stride_qm, stride_dom,
+                             offs_n, offs_d, full_hi, M, M, N, offset, qk_scale, False, HAS_KVM, True, BLOCK_M, IEEE)
     DK += split * stride_split
     DV += split * stride_split
     tl.store(DK + b * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
@@ -286,20 +278,13 @@ def _configs(pairs):
 # tuned per power-of-two sequence bucket: the best tiles at 512 and at 8192 rows differ
 _KEY = ["SEQ_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KVM", "IEEE"]
 AUTOTUNE = not INTERPRET and os.environ.get("PALM_TRITON_AUTOTUNE", "1") != "0"
-# How the backward gets dQ. "kernel": its own kernel, which recomputes QK^T and dP (7 matmuls in all, no atomics,
-# deterministic). "atomic": the dK/dV kernel adds each tile's dS K into an fp32 buffer (5 matmuls, as
-# FlashAttention-2; the summation order, so the last bits of dQ, vary from run to run).
-DQ_MODES = ("kernel", "atomic")
-DQ_MODE = os.environ.get("PALM_TRITON_DQ", "kernel")
 _PLAIN = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 _TUNED = {} if INTERPRET else {
     "fwd": triton.autotune(_configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3),
                                      (128, 64, 4, 4), (128, 128, 8, 4), (64, 64, 4, 3), (128, 32, 4, 4)]),
                            key=_KEY)(_fwd_kernel),
-    # reset_to_zero: trial runs of the atomic variant must not pile up into the real dQ buffer
     "dkdv": triton.autotune(_configs([(32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 8, 3), (64, 128, 4, 3),
-                                      (32, 64, 4, 3), (64, 64, 4, 2)]),
-                            key=_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ"])(_bwd_dkdv_kernel),
+                                      (32, 64, 4, 3), (64, 64, 4, 2)]), key=_KEY)(_bwd_dkdv_kernel),
     "dq": triton.autotune(_configs([(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (128, 64, 4, 3),
                                     (64, 64, 4, 3), (64, 32, 4, 2)]), key=_KEY)(_bwd_dq_kernel),
 }
@@ -382,11 +367,7 @@ def _dkdv_splits(programs: int, group: int, device) -> int:
     return max(1, min(group, triton.cdiv(4 * sms, programs)))
 
 
-def _backward(do, q, k, v, o, lse, causal, kv_mask, dq_mode=None):
-    dq_mode = dq_mode or DQ_MODE
-    if dq_mode not in DQ_MODES:
-        raise ValueError(f"unknown dQ mode {dq_mode!r} (PALM_TRITON_DQ); choose one of {DQ_MODES}")
-    atomic = dq_mode == "atomic"
+def _backward(do, q, k, v, o, lse, causal, kv_mask):
     b, h, m, d = q.shape
     g, n = k.shape[1], k.shape[2]
     do = _last_contiguous(do)
@@ -394,9 +375,6 @@ def _backward(do, q, k, v, o, lse, causal, kv_mask, dq_mode=None):
     _bwd_preprocess[(triton.cdiv(m, 64), b * h)](o, do, delta, o.stride(0), o.stride(1), o.stride(2),
                                                   do.stride(0), do.stride(1), do.stride(2), h, m,
                                                   HEAD_DIM=d, BLOCK_M=64)
-    # atomic: fp32 dQ accumulated by the dK/dV kernel; else a placeholder it never touches
-    dq_acc = torch.zeros((b, h, m, d), device=q.device, dtype=torch.float32) if atomic else lse.new_zeros(1)
-    dq_strides = dq_acc.stride()[:3] if atomic else (0, 0, 0)
     # With few k/v heads the dK/dV grid is small (multi-query: b * j / BLOCK_N programs); split the query heads
     # over more programs and sum their fp32 partial results.
     splits = _dkdv_splits(b * g * triton.cdiv(n, 64), h // g, q.device)
@@ -412,16 +390,14 @@ def _backward(do, q, k, v, o, lse, causal, kv_mask, dq_mode=None):
     flags = dict(HEAD_DIM=d, CAUSAL=causal, HAS_KVM=kv_mask is not None, IEEE=q.dtype == torch.float32)
     bucket = _seq_bucket(m, n)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * g, splits)  # noqa: E731
-    _launch("dkdv", grid, (q, k, v, do, dk, dv, dq_acc, lse, delta, kvm, qk_scale, sm_scale,
+    _launch("dkdv", grid, (q, k, v, do, dk, dv, lse, delta, kvm, qk_scale, sm_scale,
                            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
                            dk_.stride(0), dk_.stride(1), dk_.stride(2), dv_.stride(0), dv_.stride(1), dv_.stride(2),
-                           *dq_strides, stride_kvmb, dk.stride(0) if splits > 1 else 0, h, g, m, n, h // g, splits,
-                           bucket), q.dtype, **flags, ATOMIC_DQ=atomic)
+                           stride_kvmb, dk.stride(0) if splits > 1 else 0, h, g, m, n, h // g, splits, bucket),
+            q.dtype, **flags)
     if splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
-    if atomic:
-        return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty_like(q)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), b * h)  # noqa: E731
     _launch("dq", grid, (q, k, v, do, dq, lse, delta, kvm, qk_scale, sm_scale,

@@ -3,7 +3,7 @@
 The PyTorch form (palm_rlhf.palm.apply_rotary) makes several full-size fp32 temporaries per call (x * cos, the
 rotate-half copy, x' * sin, the sum, the cast back) and as many again in the backward. Here each element of the
 fused q/k projection is read once and written once, in fp32 registers, in both directions; cos/sin are loaded once
-per (row, position) and reused by every head. Measured effect on an H100: README, "Attention kernels".
+per (row, position) and broadcast over the heads of the tile. Measured effect on an H100: README, "Attention kernels".
 
 Input: x (b, heads, n, d), any strides with a contiguous last axis (the view of the fused projection the model
 makes, q and k heads together); cos and signed sin as palm_rlhf.palm.RotaryEmbedding returns them (b, 1, n, d),
@@ -22,21 +22,24 @@ import triton.language as tl
 @triton.jit
 def _rotary_kernel(X, COS, SIN, OUT, stride_xb, stride_xh, stride_xn, stride_cb, stride_cn,
                    stride_ob, stride_oh, stride_on, HEADS, N, SIGN: tl.constexpr, HALF: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   HEADS_P2: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (BLOCK_N positions) x (all heads) x (half the head dim) tile: both halves loaded, rotated, stored."""
     b = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, HEADS_P2)
     offs_d = tl.arange(0, HALF)
-    rows = offs_n[:, None] < N
     cs = b * stride_cb + offs_n[:, None] * stride_cn + offs_d[None, :]
-    cos = tl.load(COS + cs, mask=rows, other=0.0).to(tl.float32)
-    sin = tl.load(SIN + cs + HALF, mask=rows, other=0.0).to(tl.float32) * SIGN  # second half holds +sin
-    x_ptr = X + b * stride_xb + offs_n[:, None] * stride_xn + offs_d[None, :]
-    o_ptr = OUT + b * stride_ob + offs_n[:, None] * stride_on + offs_d[None, :]
-    for h in range(HEADS):
-        x1 = tl.load(x_ptr + h * stride_xh, mask=rows, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + h * stride_xh + HALF, mask=rows, other=0.0).to(tl.float32)
-        tl.store(o_ptr + h * stride_oh, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=rows)
-        tl.store(o_ptr + h * stride_oh + HALF, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=rows)
+    cos = tl.load(COS + cs, mask=offs_n[:, None] < N, other=0.0).to(tl.float32)[:, None, :]
+    sin = (tl.load(SIN + cs + HALF, mask=offs_n[:, None] < N, other=0.0).to(tl.float32) * SIGN)[:, None, :]
+    mask = (offs_n[:, None, None] < N) & (offs_h[None, :, None] < HEADS)
+    x_ptr = X + b * stride_xb + offs_n[:, None, None] * stride_xn + offs_h[None, :, None] * stride_xh \
+        + offs_d[None, None, :]
+    o_ptr = OUT + b * stride_ob + offs_n[:, None, None] * stride_on + offs_h[None, :, None] * stride_oh \
+        + offs_d[None, None, :]
+    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)   # second half holds +sin
+    tl.store(o_ptr, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + HALF, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=mask)
 
 
 def _rotate(x, cos, sin, sign: float):
@@ -44,10 +47,12 @@ def _rotate(x, cos, sin, sign: float):
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty((b, n, heads, d), device=x.device, dtype=x.dtype).transpose(1, 2)
-    block_n = min(64, triton.next_power_of_2(n))
+    heads_p2 = triton.next_power_of_2(heads)
+    block_n = max(1, min(triton.next_power_of_2(n), 4096 // (heads_p2 * d // 2)))  # ~4k elements per half tile
     _rotary_kernel[(triton.cdiv(n, block_n), b)](
         x, cos, sin, out, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), heads, n, SIGN=sign, HALF=d // 2, BLOCK_N=block_n)
+        out.stride(0), out.stride(1), out.stride(2), heads, n, SIGN=sign, HALF=d // 2, HEADS_P2=heads_p2,
+        BLOCK_N=block_n)
     return out
 
 
