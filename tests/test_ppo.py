@@ -106,6 +106,22 @@ def test_kl_is_zero_and_first_ratio_exactly_one(base):
     assert stats["first_ratio_max_dev"] == 0.0
 
 
+def test_sharing_the_rollout_forward_changes_nothing(base):
+    """step() keeps the rollout's first-minibatch forward (same weights, same grouping) for the first learning step;
+    the update must be exactly what recomputing that forward gives."""
+    after = []
+    for keep in (True, False):
+        trainer = make_trainer(base)
+        memory = trainer.rollout(prompts(), keep_first_forward=keep)
+        assert (memory.first_forward is not None) == keep
+        stats = trainer.learn(memory)
+        assert memory.first_forward is None                  # consumed (and its graph freed) by the first step
+        after.append(([p.detach().clone() for p in trainer.params], stats))
+    for shared, recomputed in zip(after[0][0], after[1][0]):
+        torch.testing.assert_close(shared, recomputed, atol=1e-6, rtol=1e-6)
+    assert after[0][1]["policy_loss"] == pytest.approx(after[1][1]["policy_loss"], abs=1e-6)
+
+
 def test_memory_is_linear_in_sequence_length(base):
     memory = make_trainer(base).rollout(prompts())
     for name, value in vars(memory).items():
