@@ -83,6 +83,22 @@ def test_backend_resolution(monkeypatch):
         _resolve("triton", q)
 
 
+def test_fused_rotary_dispatch(monkeypatch):
+    """Where the fused rotary runs: CUDA (any backend but the plain-PyTorch reference); on CPU only under the Triton
+    interpreter with the triton backend; never for head dims whose half is not a power of two, or when switched off."""
+    import palm_rlhf.attention as attention
+    x = torch.randn(1, 5, 3, 16)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert attention.use_fused_rotary(x, "triton")
+    assert not attention.use_fused_rotary(x, "sdpa") and not attention.use_fused_rotary(x, "reference")
+    assert not attention.use_fused_rotary(torch.randn(1, 5, 3, 12), "triton")        # half = 6
+    monkeypatch.setattr(attention, "FUSED_ROTARY", False)
+    assert not attention.use_fused_rotary(x, "triton")
+    monkeypatch.setattr(attention, "FUSED_ROTARY", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not attention.use_fused_rotary(x, "triton")                                 # CPU tensor, no interpreter
+
+
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
