@@ -323,6 +323,8 @@ class PPOTrainer:
         keep_first_forward: the first minibatch of the first epoch runs at exactly the weights the old log-probs are
         computed with, so its forward pass here is also the learning forward pass; keep its graph in the memory and
         `learn` skips recomputing it (step() does this; it saves one of the 1 + epochs x minibatches forwards).
+        The model has no dropout, so this eval-mode pass equals a train-mode one; a fork that adds dropout should
+        switch the model to train mode for it.
         """
         cfg = self.cfg
         gen = self.sample(prompts, self._generator("rollout", self.iteration))
