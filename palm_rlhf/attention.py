@@ -59,9 +59,12 @@ def _triton_interpreting() -> bool:
 
 def use_fused_rotary(x: Tensor, backend: str | None) -> bool:
     """Rotate q/k with the Triton kernel: on CUDA with any backend but 'reference' (set PALM_FUSED_ROTARY=0 to turn it
-    off), and on CPU only under the Triton interpreter with the 'triton' backend (tests)."""
+    off), and on CPU only under the Triton interpreter with the 'triton' backend (tests). fp64 stays in PyTorch (the
+    kernel computes in fp32)."""
     half = x.shape[-1] // 2
     if not FUSED_ROTARY or half < 4 or half & (half - 1) or x.shape[-1] % 2 or not triton_available():
+        return False
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     backend = backend if backend not in (None, "auto") else _default_backend
     if x.is_cuda:

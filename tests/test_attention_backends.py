@@ -92,6 +92,7 @@ def test_fused_rotary_dispatch(monkeypatch):
     assert attention.use_fused_rotary(x, "triton")
     assert not attention.use_fused_rotary(x, "sdpa") and not attention.use_fused_rotary(x, "reference")
     assert not attention.use_fused_rotary(torch.randn(1, 5, 3, 12), "triton")        # half = 6
+    assert not attention.use_fused_rotary(x.double(), "triton")                       # fp64 keeps full precision
     monkeypatch.setattr(attention, "FUSED_ROTARY", False)
     assert not attention.use_fused_rotary(x, "triton")
     monkeypatch.setattr(attention, "FUSED_ROTARY", True)
