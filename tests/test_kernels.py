@@ -212,4 +212,6 @@ def test_fused_rotary_rejects_what_it_cannot_do():
         fused_rotary(x, cos, cos)
     with pytest.raises(ValueError, match="cos and sin must be"):
         fused_rotary(torch.randn(1, 2, 3, 16, device=DEVICE), cos, cos)
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
+        fused_rotary(torch.randn(1, 2, 3, 16, device=DEVICE, dtype=torch.float64), cos, cos)
 

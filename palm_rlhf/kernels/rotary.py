@@ -77,6 +77,9 @@ def fused_rotary(x, cos, sin):
     """x (b, heads, n, d) rotated by cos/sin (b, 1, n, d) as RotaryEmbedding returns them; differentiable in x."""
     if not supported(x):
         raise ValueError(f"fused rotary needs an even head dim whose half is a power of two >= 4, got {x.shape[-1]}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"fused rotary takes fp32, fp16 or bf16 (it computes in fp32), got {x.dtype}; "
+                         f"use palm_rlhf.palm.apply_rotary for others")
     if cos.shape != (x.shape[0], 1, x.shape[2], x.shape[3]) or sin.shape != cos.shape:
         raise ValueError(f"cos and sin must be (b, 1, n, d) = {(x.shape[0], 1, x.shape[2], x.shape[3])}, got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")
