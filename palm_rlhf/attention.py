@@ -57,19 +57,23 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _requested(backend: str | None) -> str:
+    """The backend asked for: this call's, else the process default (either may still be "auto")."""
+    return backend if backend not in (None, "auto") else _default_backend
+
+
 def use_fused_rotary(x: Tensor, backend: str | None) -> bool:
     """Rotate q/k with the Triton kernel: on CUDA with any backend but 'reference' (set PALM_FUSED_ROTARY=0 to turn it
-    off), and on CPU only under the Triton interpreter with the 'triton' backend (tests). fp64 stays in PyTorch (the
-    kernel computes in fp32)."""
-    half = x.shape[-1] // 2
-    if not FUSED_ROTARY or half < 4 or half & (half - 1) or x.shape[-1] % 2 or not triton_available():
+    off), and on CPU only under the Triton interpreter with the 'triton' backend (tests); only for inputs the kernel
+    takes (palm_rlhf.kernels.rotary.supported: fp64 stays in PyTorch, the kernel computes in fp32)."""
+    if not FUSED_ROTARY or not triton_available():
         return False
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    backend = _requested(backend)
+    wanted = backend != "reference" if x.is_cuda else backend == "triton" and _triton_interpreting()
+    if not wanted:
         return False
-    backend = backend if backend not in (None, "auto") else _default_backend
-    if x.is_cuda:
-        return backend != "reference"
-    return backend == "triton" and _triton_interpreting()
+    from .kernels.rotary import supported
+    return supported(x)
 
 
 def visible_mask(i: int, j: int, causal: bool, kv_mask: Tensor | None, device) -> Tensor | None:
@@ -119,7 +123,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, kv_mask
 
 
 def _resolve(backend: str | None, q: Tensor) -> str:
-    backend = backend if backend not in (None, "auto") else _default_backend
+    backend = _requested(backend)
     if backend == "auto":
         return "sdpa"
     if backend not in BACKENDS:

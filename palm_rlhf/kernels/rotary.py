@@ -18,6 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .flash_attention import _last_contiguous
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # computed in fp32: fp64 would be rounded, so not taken
+
 
 @triton.jit
 def _rotary_kernel(X, COS, SIN, OUT, stride_xb, stride_xh, stride_xn, stride_cb, stride_cn,
@@ -44,8 +48,7 @@ def _rotary_kernel(X, COS, SIN, OUT, stride_xb, stride_xh, stride_xn, stride_cb,
 
 def _rotate(x, cos, sin, sign: float):
     b, heads, n, d = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = _last_contiguous(x)
     out = torch.empty((b, n, heads, d), device=x.device, dtype=x.dtype).transpose(1, 2)
     heads_p2 = triton.next_power_of_2(heads)
     block_n = max(1, min(triton.next_power_of_2(n), 4096 // (heads_p2 * d // 2)))  # ~4k elements per half tile
@@ -69,19 +72,19 @@ class RotaryFunction(torch.autograd.Function):
 
 
 def supported(x) -> bool:
+    """fp32 / fp16 / bf16 with an even head dim whose half is a power of two >= 4 (the tile's last axis)."""
     half = x.shape[-1] // 2
-    return x.shape[-1] % 2 == 0 and half >= 4 and half & (half - 1) == 0
+    return x.dtype in DTYPES and x.shape[-1] % 2 == 0 and half >= 4 and half & (half - 1) == 0
 
 
 def fused_rotary(x, cos, sin):
     """x (b, heads, n, d) rotated by cos/sin (b, 1, n, d) as RotaryEmbedding returns them; differentiable in x."""
     if not supported(x):
-        raise ValueError(f"fused rotary needs an even head dim whose half is a power of two >= 4, got {x.shape[-1]}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"fused rotary takes fp32, fp16 or bf16 (it computes in fp32), got {x.dtype}; "
-                         f"use palm_rlhf.palm.apply_rotary for others")
+        raise ValueError(f"fused rotary takes fp32, fp16 or bf16 (it computes in fp32) with an even head dim whose "
+                         f"half is a power of two >= 4; got {x.dtype}, head dim {x.shape[-1]}: use "
+                         f"palm_rlhf.palm.apply_rotary for others")
     if cos.shape != (x.shape[0], 1, x.shape[2], x.shape[3]) or sin.shape != cos.shape:
         raise ValueError(f"cos and sin must be (b, 1, n, d) = {(x.shape[0], 1, x.shape[2], x.shape[3])}, got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")
-    cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
+    cos, sin = _last_contiguous(cos), _last_contiguous(sin)
     return RotaryFunction.apply(x, cos, sin)
