@@ -31,7 +31,7 @@ from palm_rlhf.reward import (RewardModel, bradley_terry_loss, load_reward_model
                               rating_bins_loss, regression_loss)
 from palm_rlhf.sampling import generate
 from palm_rlhf.training import (MetricsLog, finish, load_checkpoint, load_model, make_accelerator, make_optimizer,
-                                params_fingerprint, restore, run_training, save_checkpoint, save_plot,
+                                replica_fingerprints, restore, run_training, save_checkpoint, save_plot,
                                 step_generator, step_seed)
 from palm_rlhf.utils import bits_per_char
 
@@ -502,10 +502,7 @@ def ppo(args: argparse.Namespace) -> dict:
             print(f"\ninterrupted; the last checkpoint in {ckpt_dir} is intact (resume with --resume auto)")
         raise
     bar.close()
-    fingerprints = accelerator.gather(torch.tensor([params_fingerprint(trainer.model)], dtype=torch.float64,
-                                                   device=accelerator.device)).tolist()
-    if len(set(fingerprints)) > 1:
-        raise RuntimeError(f"replicas disagree after PPO: parameter fingerprints {fingerprints}")
+    fingerprints = replica_fingerprints(accelerator, trainer.model, "PPO")
     after = trainer.evaluate(eval_prompts, actor=True)
     results = {"reference policy (before PPO)": before, "PPO policy (after)": after}
     if args.best_of > 1:
@@ -516,6 +513,9 @@ def ppo(args: argparse.Namespace) -> dict:
                accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
                "replica_fingerprints": fingerprints}
     if main_process and trainer.iteration == args.iterations:
+        if args.gold:
+            summary["gold_gain_in_std"] = (after["gold_score"] - before["gold_score"]) / max(
+                before["gold_score_std"], 1e-9)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / "eval.json").write_text(json.dumps(summary, indent=1))
         panels = {"reward-model score": {"rollouts": log.series("rm_score")}, "KL to reference (nats/response)":
@@ -533,11 +533,8 @@ def ppo(args: argparse.Namespace) -> dict:
                      for k in keys]
             print(f"| {name} | {' | '.join(cells)} |")
         if args.gold:
-            gain = (after["gold_score"] - before["gold_score"]) / max(before["gold_score_std"], 1e-9)
-            summary["gold_gain_in_std"] = gain
-            print(f"gold score change: {gain:+.2f} standard deviations of the pre-PPO distribution; "
-                  f"KL to reference {after['kl']:.2f} nats (target {cfg.target_kl})")
-            (ckpt_dir / "eval.json").write_text(json.dumps(summary, indent=1))
+            print(f"gold score change: {summary['gold_gain_in_std']:+.2f} standard deviations of the pre-PPO "
+                  f"distribution; KL to reference {after['kl']:.2f} nats (target {cfg.target_kl})")
         print(f"replicas in sync: True ({len(fingerprints)} fingerprint(s))")
         print(f"curves: {ckpt_dir / 'ppo.png'}, per-iteration log: {ckpt_dir / 'metrics.jsonl'}")
     accelerator.end_training()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -29,11 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import machine, peak_rss_mb, print_table, save_json  # noqa: E402
+
 SIZE = dict(dim=256, depth=4, heads=4, dim_head=64)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_ours(iterations: int, epochs: int, minibatch: int) -> dict:
@@ -102,7 +99,6 @@ def main():
     if args.child == "anchor":
         print(json.dumps(run_anchor(rollouts=2 * args.iterations * 4)))
         return
-    from common import machine, print_table, save_json
     rows = {"palm-rlhf, 1 epoch, minibatch 16": child("ours", args),
             "palm-rlhf, defaults (4 epochs, minibatch 8)": child("ours4", args)}
     if args.anchor_path:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -16,13 +15,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, print_table, save_json  # noqa: E402
+from common import machine, peak_rss_mb, print_table, save_json  # noqa: E402
 
 from palm_rlhf import PaLM, PaLMConfig, next_token_loss  # noqa: E402
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main():

@@ -169,6 +169,15 @@ def params_fingerprint(model: torch.nn.Module) -> float:
     return total
 
 
+def replica_fingerprints(accelerator, model: torch.nn.Module, what: str) -> list[float]:
+    """Every process's params_fingerprint; raises if the replicas drifted apart during `what`."""
+    fingerprints = accelerator.gather(torch.tensor([params_fingerprint(model)], dtype=torch.float64,
+                                                   device=accelerator.device)).tolist()
+    if len(set(fingerprints)) > 1:
+        raise RuntimeError(f"replicas disagree after {what}: parameter fingerprints {fingerprints}")
+    return fingerprints
+
+
 def run_training(accelerator, model, optimizer, *, args, stage: str, config: PaLMConfig, start: int, loss_fn,
                  eval_fn=None, after_step=None, extra_state=None, params=None) -> dict:
     """The loop every gradient stage shares: schedule, accumulation, clipping, eval, checkpoints, tqdm, summary.
@@ -236,10 +245,7 @@ def run_training(accelerator, model, optimizer, *, args, stage: str, config: PaL
         raise
     bar.close()
     elapsed = time.time() - t0
-    fingerprints = accelerator.gather(torch.tensor([params_fingerprint(model)], dtype=torch.float64,
-                                                   device=accelerator.device)).tolist()
-    if len(set(fingerprints)) > 1:
-        raise RuntimeError(f"replicas disagree after training: parameter fingerprints {fingerprints}")
+    fingerprints = replica_fingerprints(accelerator, model, "training")
     return {"stage": stage, "steps_run": end - start, "final_step": end, "seconds": round(elapsed, 1),
             "final_train_loss": losses[-1] if losses else None, **last_eval, "losses": losses,
             "processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
