@@ -114,9 +114,25 @@ def load_model(path, **config_overrides) -> PaLM:
 
 @dataclass
 class MetricsLog:
-    """Appends one JSON object per line; also keeps the rows for the end-of-run plot and summary."""
+    """Appends one JSON object per line; also keeps the rows for the end-of-run plot and summary.
+
+    `start` is the step a run resumes from: the file keeps its rows up to that step (those written after the last
+    checkpoint by an interrupted run are dropped, they are about to be redone) and they are loaded, so the plot
+    and the summary cover the whole run. A fresh run (start 0) starts the file afresh."""
     path: Path | None
+    start: int = 0
     rows: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not exists(self.path):
+            return
+        self.path = Path(self.path)
+        if self.start and self.path.is_file():
+            self.rows = [r for r in read_jsonl_rows(self.path) if r.get("step", 0) <= self.start]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        os.replace(tmp, self.path)
 
     def write(self, **row) -> None:
         row = {"time": round(time.time(), 3), **row}
@@ -129,6 +145,17 @@ class MetricsLog:
     def series(self, key: str) -> tuple[list, list]:
         pts = [(r["step"], r[key]) for r in self.rows if key in r and "step" in r]
         return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def read_jsonl_rows(path) -> list[dict]:
+    """The rows of a metrics file; a torn last line (a crash mid-write) is skipped."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def save_plot(path, panels: dict[str, dict[str, tuple[list, list]]], title: str = "") -> Path | None:
@@ -191,7 +218,7 @@ def run_training(accelerator, model, optimizer, *, args, stage: str, config: PaL
     ckpt_dir = Path(args.checkpoint_dir)
     raw_model = accelerator.unwrap_model(model)
     params = params if exists(params) else [p for p in model.parameters() if p.requires_grad]
-    log = MetricsLog(ckpt_dir / "metrics.jsonl" if main else None)
+    log = MetricsLog(ckpt_dir / "metrics.jsonl" if main else None, start=start)
     end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     bar = tqdm(range(start, end), initial=start, total=end, disable=not main or args.quiet, desc=stage)
     t0, losses, last_eval = time.time(), [], {}

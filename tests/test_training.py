@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train
-from palm_rlhf.training import load_checkpoint, load_model, lr_at
+from palm_rlhf.training import MetricsLog, load_checkpoint, load_model, lr_at
 from palm_rlhf.utils import atomic_torch_save
 
 
@@ -102,3 +102,17 @@ def test_model_overrides_reach_the_config(text_file, tmp_path):
     train.main(args(text_file, tmp_path, "--steps", "1", "--model", "qk_norm=true", "depth=1"))
     cfg = load_checkpoint(tmp_path / "last.pt")["config"]
     assert cfg["qk_norm"] is True and cfg["depth"] == 1
+
+
+def test_metrics_log_resume_keeps_rows_up_to_the_checkpoint_and_a_fresh_run_starts_afresh(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for step in (1, 2, 3):
+        log.write(step=step, loss=float(step))
+    with open(path, "a") as f:
+        f.write('{"step": 4, "lo')  # torn by a crash mid-write
+    resumed = MetricsLog(path, start=2)
+    assert resumed.series("loss") == ([1, 2], [1.0, 2.0])
+    resumed.write(step=3, loss=30.0)
+    assert [json.loads(x)["loss"] for x in path.read_text().splitlines()] == [1.0, 2.0, 30.0]
+    assert MetricsLog(path).rows == [] and path.read_text() == ""
