@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--critic-from-reward", action="store_true", help="initialise the value head (and adapter) "
                                                                      "from the reward model, as InstructGPT does")
-    p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts for the before/after table")
+    p.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts for the before/after table")
     p.add_argument("--best-of", type=int, default=8, help="N of the best-of-N baseline (0 = skip)")
     p.add_argument("--gold", action="store_true", help="report the demo task's gold judge too")
     p.add_argument("--checkpoint-dir", default="checkpoints/ppo")
@@ -439,6 +439,29 @@ def draw_prompts(args, count: int, seed: int, corpus=None, rows=None) -> list[to
     return prompt_windows(corpus, count, args.prompt_len, seed)
 
 
+def gold_gain(before: dict, after: dict) -> tuple[float, float]:
+    """Gold-score change in standard deviations of the pre-PPO scores, and its standard error over the held-out
+    prompts (both policies answer the same prompts, so the error is that of the mean per-prompt difference)."""
+    sd = max(before["gold_score_std"], 1e-9)
+    diff = torch.tensor(after["gold_per_prompt"]) - torch.tensor(before["gold_per_prompt"])
+    stderr = diff.std().item() / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+    return (after["gold_score"] - before["gold_score"]) / sd, stderr / sd
+
+
+def ppo_plot(path, log: MetricsLog, before: dict, cfg: PPOConfig):
+    """Reward-model score, KL (with its target) and, with a gold judge, the gold score with the reference's
+    held-out level and that level plus one standard deviation."""
+    steps = log.series("kl")[0]
+    level = lambda value: (steps, [value] * len(steps))  # noqa: E731
+    panels = {"reward-model score": {"rollouts": log.series("rm_score")}, "KL to reference (nats/response)":
+              {"rollouts": log.series("kl"), **({"target": level(cfg.target_kl)} if cfg.adaptive_kl else {})}}
+    if "gold_score" in before:
+        panels["gold score"] = {"rollouts": log.series("gold_score"),
+                                "reference (held-out)": level(before["gold_score"]),
+                                "reference + 1 sd": level(before["gold_score"] + before["gold_score_std"])}
+    return save_plot(path, panels, title="PPO")
+
+
 def ppo(args: argparse.Namespace) -> dict:
     accelerator = make_accelerator(args.mixed_precision, args.cpu, log_with=args.log_with,
                                    project_dir=args.checkpoint_dir)
@@ -464,10 +487,9 @@ def ppo(args: argparse.Namespace) -> dict:
                                                            if isinstance(v, (int, float, str, bool))})
     eval_prompts = draw_prompts(args, args.eval_prompts, seed=10_000 + args.seed, corpus=corpus, rows=rows)
     ckpt_dir = Path(args.checkpoint_dir)
-    log = MetricsLog(ckpt_dir / "metrics.jsonl" if main_process else None)
-
     before = trainer.evaluate(eval_prompts, actor=False) if not state else state["extra"]["before"]
     start = trainer.iteration
+    log = MetricsLog(ckpt_dir / "metrics.jsonl" if main_process else None, start=start)
     end = args.iterations if args.stop_after is None else min(args.iterations, start + args.stop_after)
     if main_process:
         print(f"PPO: {cfg.prompts_per_iter} prompts x {cfg.max_new_tokens} new tokens per iteration per process, "
@@ -514,15 +536,10 @@ def ppo(args: argparse.Namespace) -> dict:
                "replica_fingerprints": fingerprints}
     if main_process and trainer.iteration == args.iterations:
         if args.gold:
-            summary["gold_gain_in_std"] = (after["gold_score"] - before["gold_score"]) / max(
-                before["gold_score_std"], 1e-9)
+            summary["gold_gain_in_std"], summary["gold_gain_stderr"] = gold_gain(before, after)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / "eval.json").write_text(json.dumps(summary, indent=1))
-        panels = {"reward-model score": {"rollouts": log.series("rm_score")}, "KL to reference (nats/response)":
-                  {"kl": log.series("kl")}}
-        if args.gold:
-            panels["gold score"] = {"rollouts": log.series("gold_score")}
-        save_plot(ckpt_dir / "ppo.png", panels, title="PPO")
+        ppo_plot(ckpt_dir / "ppo.png", log, before, cfg)
         print(f"\n=== PPO on {len(eval_prompts)} held-out prompts ===")
         keys = ["rm_score", "gold_score", "kl"] if args.gold else ["rm_score", "kl"]
         print(f"| policy | {' | '.join(keys)} |")
@@ -533,8 +550,9 @@ def ppo(args: argparse.Namespace) -> dict:
                      for k in keys]
             print(f"| {name} | {' | '.join(cells)} |")
         if args.gold:
-            print(f"gold score change: {summary['gold_gain_in_std']:+.2f} standard deviations of the pre-PPO "
-                  f"distribution; KL to reference {after['kl']:.2f} nats (target {cfg.target_kl})")
+            print(f"gold score change: {summary['gold_gain_in_std']:+.2f} +- {summary['gold_gain_stderr']:.2f} "
+                  f"(standard error over prompts) standard deviations of the pre-PPO distribution; "
+                  f"KL to reference {after['kl']:.2f} nats (target {cfg.target_kl})")
         print(f"replicas in sync: True ({len(fingerprints)} fingerprint(s))")
         print(f"curves: {ckpt_dir / 'ppo.png'}, per-iteration log: {ckpt_dir / 'metrics.jsonl'}")
     accelerator.end_training()

@@ -447,7 +447,8 @@ class PPOTrainer:
         out = {"rm_score": scores[pick].mean().item(), "rm_score_std": scores[pick].std().item() if len(pick) > 1 else 0.0}
         if exists(self.gold_fn):
             gold = self.gold_fn(gen.tokens[pick], gen.mask[pick])
-            out.update(gold_score=gold.mean().item(), gold_score_std=gold.std().item() if len(pick) > 1 else 0.0)
+            out.update(gold_score=gold.mean().item(), gold_score_std=gold.std().item() if len(pick) > 1 else 0.0,
+                       gold_per_prompt=gold.tolist())
         if best_of == 1 and not actor:
             out["kl"] = 0.0  # samples of the reference policy itself
         elif best_of == 1:

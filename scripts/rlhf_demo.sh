@@ -23,6 +23,6 @@ python train.py reward --init "$PRETRAINED" --train "$OUT/data/train.jsonl" --va
 echo "== PPO"
 python train.py ppo --init "$PRETRAINED" --reward "$OUT/reward/last.pt" --data "$DATA" --gold --prompt-len 32 \
   --max-new-tokens 64 --prompts-per-iter 16 --minibatch-size 8 --ppo-epochs 4 --iterations ${PPO_ITERS:-40} \
-  --lr 5e-4 --kl-coef 0.2 --kl-horizon 160 --target-kl 6 --eval-prompts 64 --best-of 8 --critic-from-reward \
+  --lr 5e-4 --kl-coef 0.2 --kl-horizon 160 --target-kl 6 --eval-prompts 256 --best-of 8 --critic-from-reward \
   --checkpoint-dir "$OUT/ppo" --quiet
 echo "== done in $(( $(date +%s) - start )) s; table above, curves in $OUT/ppo/ppo.png and $OUT/reward/reward.png"

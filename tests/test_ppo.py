@@ -1,6 +1,7 @@
 """PPO: the maths by hand, the invariants (KL 0, ratio exactly 1), every trainer branch, a toy task it must learn."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -191,14 +192,28 @@ def ppo_args(base, d, data, ckpt, *extra):
 def test_ppo_cli_resume_equals_uninterrupted(ppo_setup, tmp_path):
     full = train.main(ppo_args(*ppo_setup, tmp_path / "full", "--iterations", "4", "--critic-from-reward"))
     train.main(ppo_args(*ppo_setup, tmp_path / "cut", "--iterations", "4", "--critic-from-reward", "--stop-after", "2"))
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # a row written after the last checkpoint, then a crash
+        f.write(json.dumps({"step": 3, "rm_score": 99.0}) + "\n" + '{"step": 4, "rm_sc')
     rest = train.main(ppo_args(*ppo_setup, tmp_path / "cut", "--iterations", "4", "--critic-from-reward",
                                "--resume", "auto"))
     keys = ("rm_score", "kl", "policy_loss", "value_loss", "beta")
     first_two = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[:2]]
     assert [[r[k] for k in keys] for r in first_two + rest["history"]] == [[r[k] for k in keys] for r in full["history"]]
     assert full["results"]["reference policy (before PPO)"] == rest["results"]["reference policy (before PPO)"]
+    rows = lambda run: [{k: r[k] for k in ("step", *keys)}  # noqa: E731
+                        for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
+    assert rows("cut") == rows("full") and [r["step"] for r in rows("full")] == [1, 2, 3, 4]
     eval_json = json.loads((tmp_path / "full" / "eval.json").read_text())
     assert "gold_gain_in_std" in eval_json and (tmp_path / "full" / "ppo.png").is_file()
+    assert math.isfinite(eval_json["gold_gain_stderr"]) and eval_json["gold_gain_stderr"] >= 0
+
+
+def test_gold_gain_and_its_paired_standard_error():
+    sd = (1 / 3) ** 0.5   # sample std of [0, 1, 0, 1]; the per-prompt differences [1, 0, 1, 0] have the same
+    before = {"gold_score": 0.5, "gold_score_std": sd, "gold_per_prompt": [0.0, 1.0, 0.0, 1.0]}
+    after = {"gold_score": 1.0, "gold_per_prompt": [1.0, 1.0, 1.0, 1.0]}
+    gain, stderr = train.gold_gain(before, after)
+    assert gain == pytest.approx(0.5 / sd) and stderr == pytest.approx((sd / 4 ** 0.5) / sd)
 
 
 def test_ppo_cli_with_a_prompts_file(ppo_setup, tmp_path):
@@ -216,3 +231,20 @@ def test_ppo_cli_with_a_prompts_file(ppo_setup, tmp_path):
     with pytest.raises(ValueError, match=r"prompts.jsonl:1: missing field 'prompt'"):
         train.main(["ppo", "--init", str(base), "--reward", str(d / "rm" / "last.pt"), "--prompts", str(prompts),
                     "--checkpoint-dir", str(tmp_path / "ppo2"), "--quiet"])
+
+
+def test_heldout_script_scores_finished_runs_on_one_prompt_set(ppo_setup, tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ppo_heldout", "scripts/ppo_heldout.py")
+    heldout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(heldout)
+    for seed in ("0", "1"):
+        train.main(ppo_args(*ppo_setup, tmp_path / seed, "--iterations", "1", "--seed", seed))
+    rows = heldout.main([str(tmp_path / s / "last.pt") for s in ("0", "1")] + ["--prompts", "6"])
+    assert [r["name"].split(" ")[0] for r in rows] == ["the", "reference", "PPO", "PPO"]
+    reference = rows[1]
+    assert reference["kl"] == 0.0 and len(reference["gold_per_prompt"]) == 6
+    for r in rows[2:]:
+        gain, stderr = r["gain"]
+        assert gain == pytest.approx((r["gold_score"] - reference["gold_score"]) / reference["gold_score_std"])
+        assert stderr >= 0 and math.isfinite(r["kl"])  # a sampled KL estimate, may dip below 0
