@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from palm_rlhf.data import load_corpus  # noqa: E402
-from palm_rlhf.demo import gold_scores, prompt_windows  # noqa: E402
+from palm_rlhf.data import decode_bytes, load_corpus  # noqa: E402
+from palm_rlhf.demo import gold_score, gold_scores, prompt_windows  # noqa: E402
 from palm_rlhf.ppo import ActorCritic, PPOConfig, PPOTrainer  # noqa: E402
 from palm_rlhf.reward import load_reward_model  # noqa: E402
 from palm_rlhf.training import load_checkpoint, load_model, make_accelerator  # noqa: E402
@@ -60,8 +60,7 @@ def main(argv=None) -> list[dict]:
     corpus = load_corpus(data)
     windows = prompt_windows(corpus, args.prompts, prompt_len + states[0]["args"]["max_new_tokens"], args.seed)
     prompts = [w[:prompt_len] for w in windows]
-    real = gold_scores(torch.stack(windows)[:, prompt_len:], torch.ones(len(windows), windows[0].numel() - prompt_len,
-                                                                         dtype=torch.bool))
+    real = torch.tensor([gold_score(decode_bytes(w[prompt_len:].tolist())) for w in windows])
     rows = [{"name": "the corpus's own continuations", "gold_score": real.mean().item(),
              "gold_score_std": real.std().item()}]
     reference = None
