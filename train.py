@@ -443,8 +443,10 @@ def gold_gain(before: dict, after: dict) -> tuple[float, float]:
     """Gold-score change in standard deviations of the pre-PPO scores, and its standard error over the held-out
     prompts (both policies answer the same prompts, so the error is that of the mean per-prompt difference)."""
     sd = max(before["gold_score_std"], 1e-9)
-    diff = torch.tensor(after["gold_per_prompt"]) - torch.tensor(before["gold_per_prompt"])
-    stderr = diff.std().item() / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+    stderr = float("nan")  # stays nan when a run resumed from an older checkpoint did not record the scores
+    if "gold_per_prompt" in before and len(before["gold_per_prompt"]) > 1:
+        diff = torch.tensor(after["gold_per_prompt"]) - torch.tensor(before["gold_per_prompt"])
+        stderr = diff.std().item() / len(diff) ** 0.5
     return (after["gold_score"] - before["gold_score"]) / sd, stderr / sd
 
 
