@@ -465,6 +465,9 @@ def ppo_plot(path, log: MetricsLog, before: dict, cfg: PPOConfig):
 
 
 def ppo(args: argparse.Namespace) -> dict:
+    if args.eval_prompts < 2:
+        raise ValueError(f"--eval-prompts {args.eval_prompts}: the before/after table needs at least 2 held-out "
+                         f"prompts (it reports a standard deviation over them); 64 or more give a usable estimate")
     accelerator = make_accelerator(args.mixed_precision, args.cpu, log_with=args.log_with,
                                    project_dir=args.checkpoint_dir)
     main_process = accelerator.is_main_process

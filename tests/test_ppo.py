@@ -248,3 +248,10 @@ def test_heldout_script_scores_finished_runs_on_one_prompt_set(ppo_setup, tmp_pa
         gain, stderr = r["gain"]
         assert gain == pytest.approx((r["gold_score"] - reference["gold_score"]) / reference["gold_score_std"])
         assert stderr >= 0 and math.isfinite(r["kl"])  # a sampled KL estimate, may dip below 0
+
+
+def test_ppo_cli_refuses_too_few_held_out_prompts(ppo_setup, tmp_path):
+    args = ppo_args(*ppo_setup, tmp_path / "run", "--iterations", "1")
+    args[args.index("--eval-prompts") + 1] = "1"
+    with pytest.raises(ValueError, match="--eval-prompts 1: .* at least 2"):
+        train.main(args)
