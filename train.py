@@ -20,8 +20,7 @@ import torch
 from tqdm import tqdm
 
 from palm_rlhf.data import decode_bytes, encode_text, load_corpus, random_windows, split_corpus
-from palm_rlhf.demo import (build_demonstrations, build_preferences, gold_score, gold_scores, prompt_windows,
-                            write_jsonl)
+from palm_rlhf.demo import build_demonstrations, build_preferences, gold_score, gold_scores, prompt_windows
 from palm_rlhf.feedback import (collate, encode_all, load_demonstrations, load_preferences, load_prompts_file,
                                 load_ratings)
 from palm_rlhf.lora import add_lora, merge_lora, set_lora
@@ -33,7 +32,7 @@ from palm_rlhf.sampling import generate
 from palm_rlhf.training import (MetricsLog, finish, load_checkpoint, load_model, make_accelerator, make_optimizer,
                                 replica_fingerprints, restore, run_training, save_checkpoint, save_plot,
                                 step_generator, step_seed)
-from palm_rlhf.utils import bits_per_char
+from palm_rlhf.utils import bits_per_char, write_jsonl
 
 STAGES = ("pretrain", "make-preferences", "sft", "reward", "ppo")
 

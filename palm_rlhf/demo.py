@@ -12,9 +12,7 @@ The reward model only ever sees the labelled pairs, never this function.
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -91,12 +89,3 @@ def build_demonstrations(corpus: Tensor, *, count: int, prompt_len: int = 32, re
     rows.sort(key=lambda r: gold_score(r["response"]), reverse=True)
     return [r for r in rows[:count] if r["prompt"] and r["response"]]
 
-
-def write_jsonl(rows: list[dict], path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from .palm import PaLM, PaLMConfig
-from .utils import atomic_torch_save, exists, safe_torch_load
+from .utils import atomic_torch_save, exists, safe_torch_load, write_jsonl
 
 CHECKPOINT_FORMAT = 1
 
@@ -129,10 +129,7 @@ class MetricsLog:
         self.path = Path(self.path)
         if self.start and self.path.is_file():
             self.rows = [r for r in read_jsonl_rows(self.path) if r.get("step", 0) <= self.start]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        os.replace(tmp, self.path)
+        write_jsonl(self.rows, self.path)
 
     def write(self, **row) -> None:
         row = {"time": round(time.time(), 3), **row}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -80,3 +81,14 @@ def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
             f"plain Python values ({type(err).__name__}: {err}). Use a checkpoint written by train.py, or delete it "
             f"and start again."
         ) from err
+
+
+def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
+    """One JSON object per line, written to a temporary file beside `path` and renamed over it (never torn)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
