@@ -28,13 +28,12 @@ from palm_rlhf.training import load_checkpoint, load_model, make_accelerator  # 
 from train import gold_gain  # noqa: E402
 
 
-def trainer_for(state: dict) -> PPOTrainer:
+def trainer_for(state: dict, reward_model, accelerator) -> PPOTrainer:
     args, extra = state["args"], state["extra"]
     actor_critic = ActorCritic(load_model(args["init"]), lora_r=extra["lora_r"], lora_alpha=extra["lora_alpha"])
     actor_critic.load_state_dict(state["model"])
     cfg = PPOConfig(**{f.name: args[f.name] for f in fields(PPOConfig) if f.name in args})
-    return PPOTrainer(actor_critic, load_reward_model(args["reward"]), cfg, accelerator=make_accelerator(cpu=True),
-                      gold_fn=gold_scores)
+    return PPOTrainer(actor_critic, reward_model, cfg, accelerator=accelerator, gold_fn=gold_scores)
 
 
 def row(name: str, r: dict, gain: tuple[float, float] | None = None) -> str:
@@ -56,7 +55,8 @@ def main(argv=None) -> list[dict]:
     if len(shared) != 1:
         raise SystemExit(f"the checkpoints must share --init, --reward, --data and --prompt-len (one reference "
                          f"row); got {sorted(shared)}")
-    init, _, data, prompt_len = shared.pop()
+    init, reward, data, prompt_len = shared.pop()
+    reward_model, accelerator = load_reward_model(reward), make_accelerator()
     corpus = load_corpus(data)
     windows = prompt_windows(corpus, args.prompts, prompt_len + states[0]["args"]["max_new_tokens"], args.seed)
     prompts = [w[:prompt_len] for w in windows]
@@ -65,7 +65,7 @@ def main(argv=None) -> list[dict]:
              "gold_score_std": real.std().item()}]
     reference = None
     for path, state in zip(args.checkpoints, states):
-        trainer = trainer_for(state)
+        trainer = trainer_for(state, reward_model, accelerator)
         if reference is None:
             reference = trainer.evaluate(prompts, actor=False)
             rows.append({"name": f"reference policy ({init})", **reference})
