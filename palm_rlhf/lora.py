@@ -7,6 +7,10 @@
     logits_ref = model(tokens)             # outside any block: no adapter = the frozen base (reference policy)
     merge_lora(model, "actor")             # fold the adapter into the base weights and drop it
 
+One freezing rule, used by every wrapper that trains adapters (SFT, the reward model, the actor-critic):
+`add_trainable_lora` adds the scope and freezes the *base* weights (every parameter that is not an adapter).
+Other scopes' adapters are never touched, so several wrappers can share one base model in any order.
+
 Adapted layers keep their parameter names (`...to_fused.weight`), so base checkpoints load unchanged; each scope
 adds `...to_fused.lora_A.<scope>` and `...lora_B.<scope>`. B starts at zero, so a new adapter changes nothing.
 
@@ -21,11 +25,34 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .utils import option, require
+
 DEFAULT_TARGETS = ("to_fused", "attn_out")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters for a fine-tuning stage; r = 0 fine-tunes every weight instead."""
+    r: int = option(8, "LoRA rank (0 = no adapters: fine-tune every weight)")
+    alpha: float = option(16.0, "LoRA scale numerator: the update is B A * alpha / r")
+    targets: tuple[str, ...] = option(DEFAULT_TARGETS, "names of the adapted nn.Linear layers")
+
+    def __post_init__(self):
+        require(self.r >= 0, self, "r", "must be >= 0 (0 = no adapters, full fine-tuning)")
+        require(self.alpha > 0, self, "alpha", "must be > 0")
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "targets": list(self.targets)}
 
 
 class LoRALinear(nn.Linear):
@@ -95,6 +122,46 @@ def add_lora(model: nn.Module, scope: str, r: int = 8, alpha: float = 16.0,
     if found == 0:
         raise ValueError(f"no nn.Linear named one of {targets} in the model; pass targets= with the layer names")
     return lora_parameters(model, scope)
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter of `model` that is not a LoRA adapter (adapters keep their requires_grad)."""
+    adapters = {id(p) for layer in lora_layers(model) for d in (layer.lora_A, layer.lora_B) for p in d.values()}
+    for p in model.parameters():
+        if id(p) not in adapters:
+            p.requires_grad_(False)
+
+
+def add_trainable_lora(model: nn.Module, scope: str, config: LoRAConfig) -> list[nn.Parameter]:
+    """The freezing rule: add adapter `scope` (trainable) and freeze the base weights; other scopes keep theirs."""
+    params = add_lora(model, scope, r=config.r, alpha=config.alpha, targets=config.targets)
+    freeze_base(model)
+    return params
+
+
+def adapter_configs(model: nn.Module) -> dict[str, dict]:
+    """{scope: LoRAConfig as a dict} of every adapter on `model` (enough to add them again before loading weights)."""
+    out = {}
+    for layer_name, layer in model.named_modules():
+        if isinstance(layer, LoRALinear):
+            for scope, a in layer.lora_A.items():
+                entry = out.setdefault(scope, {"r": a.shape[0], "alpha": layer.scales[scope] * a.shape[0],
+                                               "targets": []})
+                name = layer_name.rsplit(".", 1)[-1]
+                if name not in entry["targets"]:
+                    entry["targets"].append(name)
+    return out
+
+
+def keep_scopes(state: dict, scopes) -> dict:
+    """A state dict without the adapters of scopes other than `scopes` (e.g. a wrapper saving only its own)."""
+    keep = set(scopes)
+    def foreign(key: str) -> bool:
+        for part in (".lora_A.", ".lora_B."):
+            if part in key:
+                return key.split(part, 1)[1].split(".")[0] not in keep
+        return False
+    return {k: v for k, v in state.items() if not foreign(k)}
 
 
 def lora_parameters(model: nn.Module, scope: str) -> list[nn.Parameter]:

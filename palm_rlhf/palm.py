@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from . import attention
 from .attention import BACKENDS, attend
+from .checkpoint import Checkpointable, register
+from .lora import add_lora, adapter_configs, keep_scopes, merge_lora
 from .utils import exists
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -193,11 +195,18 @@ class ParallelTransformerBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------------- model
 
 
-class PaLM(nn.Module):
+@register("palm")
+class PaLM(Checkpointable, nn.Module):
+    """The decoder. `PaLM.load(path)` returns the policy held in any palm-rlhf file (see checkpoint.py).
+
+    policy_scope: the LoRA scope that, merged, makes this model the policy (SFT trains one; None: the base).
+    """
+
     @beartype
     def __init__(self, config: PaLMConfig):
         super().__init__()
         self.config = config
+        self.policy_scope: str | None = None
         self.token_emb = nn.Embedding(config.num_tokens, config.dim)
         self.rotary = RotaryEmbedding(config.dim_head, config.rotary_base, config.xpos, config.xpos_scale_base)
         self.layers = nn.ModuleList([ParallelTransformerBlock(config) for _ in range(config.depth)])
@@ -211,6 +220,43 @@ class PaLM(nn.Module):
     def _init_weights(module: nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
+
+    def config_dict(self) -> dict:
+        scope = self.policy_scope
+        adapters = adapter_configs(self)
+        return {"kind": self.kind, "model": self.config.to_dict(), "adapters": adapters,
+                "policy": {"prefix": "", "scope": scope, "lora": adapters.get(scope)}}
+
+    @classmethod
+    def from_config_dict(cls, config: dict) -> "PaLM":
+        model = cls(PaLMConfig.from_dict(config["model"]))
+        for scope, lora in config.get("adapters", {}).items():
+            add_lora(model, scope, r=lora["r"], alpha=lora["alpha"], targets=tuple(lora["targets"]))
+        model.policy_scope = config.get("policy", {}).get("scope")
+        return model
+
+    @classmethod
+    def from_file(cls, config: dict, weights: dict, source: str) -> "PaLM":
+        """The policy in any palm-rlhf file: its PaLM weights with the policy's adapter (if any) merged."""
+        policy = config.get("policy") or {"prefix": "", "scope": None}
+        prefix, scope = policy["prefix"], policy["scope"]
+        mine = keep_scopes({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
+                           [scope] if scope else [])
+        model = cls(PaLMConfig.from_dict(config["model"]))
+        if scope:
+            lora = policy["lora"]
+            add_lora(model, scope, r=lora["r"], alpha=lora["alpha"], targets=tuple(lora["targets"]))
+        model.load_weights(mine, source)
+        if scope:
+            merge_lora(model, scope)
+        return model
+
+    @classmethod
+    def policy_of(cls, model: Checkpointable) -> "PaLM":
+        """A new plain PaLM holding the policy of `model` (a PaLM with an SFT adapter, an ActorCritic's actor, ...),
+        its adapter merged; it shares no memory with `model`, and building it leaves the global RNG untouched."""
+        with torch.random.fork_rng(devices=[]):
+            return cls.from_file(model.config_dict(), model.weights(), type(model).__name__)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

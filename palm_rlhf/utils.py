@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import tempfile
+from dataclasses import field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -14,6 +17,24 @@ from torch import Tensor
 
 def exists(value) -> bool:
     return value is not None
+
+
+def option(default, help: str, **meta):
+    """A dataclass field with its help text (and, optionally, `choices`), which the CLI shows."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+class ConfigError(ValueError):
+    """A bad setting: names the field and the value, so the CLI can name the flag instead."""
+
+    def __init__(self, owner: str, name: str, value, why: str):
+        self.owner, self.name, self.value, self.why = owner, name, value, why
+        super().__init__(f"{owner}.{name} = {value!r}: {why}")
+
+
+def require(ok: bool, config, name: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(type(config).__name__, name, getattr(config, name), why)
 
 
 def masked_mean(x: Tensor, mask: Tensor | None = None, dim=None) -> Tensor:
@@ -48,17 +69,18 @@ def bits_per_char(loss_nats: float) -> float:
     return loss_nats / math.log(2)
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
+    """Call write(f) on a temporary binary file beside `path`, fsync, then rename it over `path`.
 
-    A crash or Ctrl-C at any point leaves either the old file or the new one, never a torn one.
+    A crash or Ctrl-C at any point leaves either the old file or the new one, never a torn one, and removes the
+    temporary file (a killed process leaves it: `remove_stale_temp_files` cleans up on the next start).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -66,29 +88,53 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return path
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
-    """Load a checkpoint without executing pickled code; corrupt or foreign files get a clear error."""
+    """Load a .pt file without executing pickled code; corrupt or foreign files get a clear error."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a directory; pass a checkpoint file (e.g. {path / 'last.pt'})")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pt file written by train.py")
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a file written by palm-rlhf")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises several types for truncated zips / unpickling refusals
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):
+            raise RuntimeError(f"could not load checkpoint {path}: it is corrupt or not a PyTorch file. Use a "
+                               f"checkpoint written by palm-rlhf, or delete it and start again.") from None
+        raise RuntimeError(  # torch's own text advises weights_only=False: never, for a file of unknown origin
+            f"refused to load {path}: it holds objects other than tensors and plain Python values, and loading "
+            f"them would run code from the file. palm-rlhf never does that; use a checkpoint written by palm-rlhf."
+        ) from None
+    except Exception as err:  # torch raises several types for truncated or foreign zips
         raise RuntimeError(
-            f"could not load checkpoint {path}: it is truncated, corrupt, or holds objects other than tensors and "
-            f"plain Python values ({type(err).__name__}: {err}). Use a checkpoint written by train.py, or delete it "
-            f"and start again."
-        ) from err
+            f"could not load checkpoint {path}: it is truncated, corrupt, or not a PyTorch file "
+            f"({type(err).__name__}). Use a checkpoint written by palm-rlhf, or delete it and start again."
+        ) from None
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (`.NAME.*tmp`) that a killed save left in `folder`; returns what was removed.
+    Call it only where no other process is writing into the folder (the main process, before it saves)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(".*tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
-    """One JSON object per line, written to a temporary file beside `path` and renamed over it (never torn)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    """One JSON object per line, written through a temporary file and a rename (never torn)."""
+    atomic_write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), path)
