@@ -1,23 +1,29 @@
-"""What every training stage shares: accelerate set-up, the learning-rate schedule, checkpoints, metrics, plots."""
+"""The loop every training stage shares: accelerate set-up, the learning-rate schedule, resume, checkpoints, a guard
+against non-finite updates, metrics and the end-of-run summary.
+
+A stage subclasses `Trainer` and defines `training_step(step) -> metrics` (PPO: one rollout + learning), or
+`GradientTrainer` and defines `loss(step, micro) -> (loss, metrics)` for one micro-batch (pretraining, SFT, reward).
+`trainer.train(resume=None | "auto" | path)` runs `config.steps` steps and returns the summary.
+"""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from .palm import PaLM, PaLMConfig
-from .utils import atomic_torch_save, exists, safe_torch_load, write_jsonl
+from .checkpoint import read_training_state, save_training_state
+from .config import RunConfig, TrainConfig
+from .metrics import MetricsLog, save_plot, write_summary
+from .utils import exists, remove_stale_temp_files
 
-CHECKPOINT_FORMAT = 1
+MAX_BAD_IN_A_ROW = 10  # on_nonfinite="skip" gives up after this many non-finite batches in a row
 
 
 def make_accelerator(mixed_precision: str = "no", cpu: bool = False, log_with: str | None = None,
@@ -48,141 +54,12 @@ def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch
     return torch.Generator().manual_seed(step_seed(seed, step, micro, rank))
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only (not on norm gains)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(params: list, *, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (not on norm gains or biases)."""
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-
-
-def save_checkpoint(path, *, model, optimizer, step: int, config: PaLMConfig, stage: str, args: dict,
-                    extra: dict | None = None) -> None:
-    """Everything needed to resume, written atomically. Only tensors and plain Python values (safe to load)."""
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "stage": stage,
-        "step": step,
-        "config": config.to_dict(),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if exists(optimizer) else None,
-        "rng": torch.get_rng_state(),
-        "args": {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, type(None)))},
-        "extra": extra or {},
-    }
-    atomic_torch_save(state, path)
-
-
-def load_checkpoint(path, stage: str | None = None) -> dict:
-    state = safe_torch_load(path)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
-        raise RuntimeError(f"{path} is not a palm-rlhf checkpoint (format {CHECKPOINT_FORMAT}); "
-                           f"pass a file written by train.py")
-    if exists(stage) and state["stage"] != stage:
-        raise RuntimeError(f"{path} is a '{state['stage']}' checkpoint, but this is the '{stage}' stage; "
-                           f"use --init to start a new stage from it")
-    return state
-
-
-def restore(state: dict | None, model: torch.nn.Module, optimizer) -> int:
-    """Load a resume state into model, optimizer and the global RNG; returns the step to start from (0: fresh)."""
-    if not state:
-        return 0
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    return state["step"]
-
-
-def load_model(path, **config_overrides) -> PaLM:
-    """A plain PaLM from a pretrain or SFT checkpoint (or the trunk of a reward-model checkpoint)."""
-    state = load_checkpoint(path)
-    config = PaLMConfig.from_dict({**state["config"], **config_overrides})
-    weights = state["model"]
-    if state["stage"] == "reward":
-        weights = {k[len("palm."):]: v for k, v in weights.items() if k.startswith("palm.")}
-    adapters = sorted({k.split(".lora_A.")[1] for k in weights if ".lora_A." in k})
-    if adapters and state["stage"] != "reward":
-        raise RuntimeError(f"{path} holds unmerged LoRA adapters {adapters} (a training state); load the merged "
-                           f"final.pt written beside it at the end of the stage")
-    weights = {k: v for k, v in weights.items() if ".lora_" not in k}
-    model = PaLM(config)
-    model.load_state_dict(weights, strict=True)
-    return model
-
-
-@dataclass
-class MetricsLog:
-    """Appends one JSON object per line; also keeps the rows for the end-of-run plot and summary.
-
-    `start` is the step a run resumes from: the file keeps its rows up to that step (those written after the last
-    checkpoint by an interrupted run are dropped, they are about to be redone) and they are loaded, so the plot
-    and the summary cover the whole run. A fresh run (start 0) starts the file afresh."""
-    path: Path | None
-    start: int = 0
-    rows: list = field(default_factory=list)
-
-    def __post_init__(self):
-        if not exists(self.path):
-            return
-        self.path = Path(self.path)
-        if self.start and self.path.is_file():
-            self.rows = [r for r in read_jsonl_rows(self.path) if r.get("step", 0) <= self.start]
-        write_jsonl(self.rows, self.path)
-
-    def write(self, **row) -> None:
-        row = {"time": round(time.time(), 3), **row}
-        self.rows.append(row)
-        if exists(self.path):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def series(self, key: str) -> tuple[list, list]:
-        pts = [(r["step"], r[key]) for r in self.rows if key in r and "step" in r]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def read_jsonl_rows(path) -> list[dict]:
-    """The rows of a metrics file; a torn last line (a crash mid-write) is skipped."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def save_plot(path, panels: dict[str, dict[str, tuple[list, list]]], title: str = "") -> Path | None:
-    """One subplot per panel, one line per series; returns the path, or None when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed; skipping the plot (pip install matplotlib)")
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, (name, lines) in zip(axes[0], panels.items()):
-        for label, (xs, ys) in lines.items():
-            if xs:
-                ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
 
 
 def params_fingerprint(model: torch.nn.Module) -> float:
@@ -202,99 +79,295 @@ def replica_fingerprints(accelerator, model: torch.nn.Module, what: str) -> list
     return fingerprints
 
 
-def run_training(accelerator, model, optimizer, *, args, stage: str, config: PaLMConfig, start: int, loss_fn,
-                 eval_fn=None, after_step=None, extra_state=None, params=None) -> dict:
-    """The loop every gradient stage shares: schedule, accumulation, clipping, eval, checkpoints, tqdm, summary.
-
-    loss_fn(step, micro) -> (loss, {metric: float})   one micro-batch; the loop scales by 1 / grad_accum
-    eval_fn(step) -> {metric: float}                   every --eval-interval steps and at the end
-    after_step(step)                                   e.g. printing samples
-    extra_state() -> dict                              stored in the checkpoint's "extra" (plain values only)
-    """
-    main = accelerator.is_main_process
-    ckpt_dir = Path(args.checkpoint_dir)
-    raw_model = accelerator.unwrap_model(model)
-    params = params if exists(params) else [p for p in model.parameters() if p.requires_grad]
-    log = MetricsLog(ckpt_dir / "metrics.jsonl" if main else None, start=start)
-    end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
-    bar = tqdm(range(start, end), initial=start, total=end, disable=not main or args.quiet, desc=stage)
-    t0, losses, last_eval = time.time(), [], {}
-
-    def checkpoint(step):
-        if main:
-            save_checkpoint(ckpt_dir / "last.pt", model=raw_model, optimizer=optimizer, step=step, config=config,
-                            stage=stage, args=vars(args), extra={**(extra_state() if extra_state else {}),
-                                                                  **last_eval})
-        accelerator.wait_for_everyone()
-
-    step = start
-    try:
-        for step in bar:
-            lr = lr_at(step, lr=args.lr, warmup=args.warmup, total=args.steps, min_ratio=args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss, metrics = 0.0, {}
-            for micro in range(args.grad_accum):
-                sync = micro == args.grad_accum - 1
-                with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                    loss, m = loss_fn(step, micro)
-                    accelerator.backward(loss / args.grad_accum)
-                step_loss += loss.item() / args.grad_accum
-                for k, v in m.items():
-                    metrics[k] = metrics.get(k, 0.0) + v / args.grad_accum
-            if args.grad_clip > 0:
-                accelerator.clip_grad_norm_(params, args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
-            done = step + 1
-            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.1e}", **{k: f"{v:.3f}" for k, v in metrics.items()})
-            row = {"step": done, "loss": step_loss, "lr": lr, **metrics}
-            if exists(eval_fn) and (done % args.eval_interval == 0 or done == end):
-                last_eval = eval_fn(done)
-                row.update(last_eval)
-                if main:
-                    shown = " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
-                    tqdm.write(f"step {done}: train loss {step_loss:.4f} | {shown}")
-            if exists(after_step):
-                after_step(done)
-            log.write(**row)
-            if done % args.checkpoint_interval == 0 or done == end:
-                checkpoint(done)
-            step = done
-    except KeyboardInterrupt:
-        if main:
-            print(f"\ninterrupted at step {step}; the last checkpoint in {ckpt_dir} is intact "
-                  f"(resume with --resume auto --checkpoint-dir {ckpt_dir})")
-        raise
-    bar.close()
-    elapsed = time.time() - t0
-    fingerprints = replica_fingerprints(accelerator, model, "training")
-    return {"stage": stage, "steps_run": end - start, "final_step": end, "seconds": round(elapsed, 1),
-            "final_train_loss": losses[-1] if losses else None, **last_eval, "losses": losses,
-            "processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
-            "replica_fingerprints": fingerprints, "checkpoint": str(ckpt_dir / "last.pt"), "_log": log}
+def resume_path(resume: str | Path | None, checkpoint_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: None, "auto" (CHECKPOINT_DIR/last.pt when it exists) or a path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = Path(checkpoint_dir) / "last.pt"
+        return last if last.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume from {path}: no such checkpoint file (use 'auto' to continue from "
+                                f"{Path(checkpoint_dir) / 'last.pt'} when it exists)")
+    return path
 
 
-def finish(accelerator, summary: dict, ckpt_dir, plots: dict | None = None, lines: list[str] = ()) -> dict:
-    """Write summary.json and the plot, print a readable summary (main process), close trackers."""
-    log = summary.pop("_log")
-    ckpt_dir = Path(ckpt_dir)
-    if accelerator.is_main_process:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (ckpt_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_path = None
-        if plots and log.rows:
-            panels = {name: {label: log.series(key) for label, key in series.items()} for name, series in plots.items()}
-            plot_path = save_plot(ckpt_dir / f"{summary['stage']}.png", panels, title=summary["stage"])
-        print(f"\n=== {summary['stage']} summary ===")
-        print(f"steps {summary['final_step'] - summary['steps_run']} -> {summary['final_step']} in "
-              f"{summary['seconds']:.0f}s, {summary['processes']} process(es), {summary['distributed_type']}")
-        for line in lines:
-            print(line)
-        print(f"replicas in sync: {len(set(summary['replica_fingerprints'])) == 1} "
-              f"({len(summary['replica_fingerprints'])} fingerprint(s))")
-        print(f"checkpoint {summary['checkpoint']}, metrics {ckpt_dir / 'metrics.jsonl'}"
-              + (f", plot {plot_path}" if plot_path else ""))
-    accelerator.end_training()
-    return summary
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient; nothing was updated or saved after it."""
+
+
+class Trainer:
+    """Runs `config.steps` steps of `training_step` with resume, checkpoints, metrics, progress and a summary."""
+    stage = "run"
+    summary_file = "summary.json"
+    plots: dict = {}                     # panel title -> {line label: metric key}, drawn at the end
+    progress_keys: tuple = ("loss",)     # metrics shown beside the progress bar
+    summary_excludes: tuple = ("history",)  # left out of the summary file (metrics.jsonl has the rows)
+
+    def __init__(self, model, config: RunConfig, *, accelerator: Accelerator | None = None,
+                 metadata: dict | None = None):
+        self.config = config
+        self.accelerator = accelerator if exists(accelerator) else make_accelerator(
+            config.mixed_precision, config.cpu, config.log_with, config.checkpoint_dir)
+        self.raw_model, self.model, self.optimizer, self.params = model, model, None, []
+        self.metadata = dict(metadata or {})     # provenance stored in checkpoints (e.g. the CLI's input paths)
+        self.global_step, self.saved_step = 0, None
+        self.bad_in_a_row, self.skipped = 0, 0
+        self.last_eval: dict = {}
+        self.log: MetricsLog | None = None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.config.checkpoint_dir)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def prepare(self, model, params: list) -> None:
+        """Train exactly `params` (everything else reachable from `model` is frozen: e.g. another wrapper's adapter
+        on a shared base), build the optimizer over them and hand model and optimizer to accelerate."""
+        if not params:
+            raise ValueError(f"{type(model).__name__} has no trainable parameters: every weight is frozen")
+        train = {id(p) for p in params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in train)
+        cfg = self.config
+        optimizer = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.params = params
+
+    # ------------------------------------------------------------------------------------------ what stages define
+
+    def training_step(self, step: int) -> dict:
+        raise NotImplementedError
+
+    def should_evaluate(self, done: int, end: int) -> bool:
+        return False
+
+    def evaluate(self) -> dict:
+        return {}
+
+    def after_step(self, done: int, end: int) -> None:
+        pass
+
+    def on_train_begin(self, start: int, end: int, resumed: bool) -> None:
+        pass
+
+    def on_train_end(self, summary: dict) -> None:
+        pass
+
+    def summary_lines(self, summary: dict) -> list[str]:
+        return []
+
+    def final_model(self):
+        """What a finished run exports to CHECKPOINT_DIR/model (safetensors + config.json)."""
+        return self.raw_model
+
+    def trainer_state(self) -> dict:
+        return {}
+
+    def load_trainer_state(self, state: dict) -> None:
+        pass
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def train(self, resume: str | Path | None = None) -> dict:
+        """Train to `config.steps` (or `stop_after` more), resuming from `resume` ("auto": last.pt if there)."""
+        cfg = self.config
+        if self.is_main:
+            for p in remove_stale_temp_files(self.checkpoint_dir):
+                print(f"removed {p}, a temporary file left by an interrupted save")
+        path = resume_path(resume, self.checkpoint_dir)
+        if exists(path):
+            self.restore(path)
+        start = self.global_step
+        end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+        if start >= end:
+            return self.nothing_to_do(start)
+        self.log = MetricsLog(self.checkpoint_dir / "metrics.jsonl" if self.is_main else None, start=start)
+        if cfg.log_with:
+            self.accelerator.init_trackers(f"palm-rlhf-{self.stage}", config={
+                k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
+        self.on_train_begin(start, end, resumed=exists(path))
+        bar = tqdm(total=end, initial=start, desc=self.stage, disable=not self.is_main or cfg.quiet)
+        t0 = time.perf_counter()
+        try:
+            for step in range(start, end):
+                self.run_step(step, end, bar)
+        except KeyboardInterrupt:
+            bar.close()
+            if self.is_main:
+                print(f"\n{self.stage}: interrupted at step {self.global_step}; {self.checkpoint_note()}")
+            raise
+        bar.close()
+        summary = self.summarise(start, end, time.perf_counter() - t0)
+        self.on_train_end(summary)
+        if end == cfg.steps and self.is_main:  # finished: the model as the ecosystem shares it
+            summary["model"] = str(self.final_model().save(self.checkpoint_dir / "model"))
+        self.finish(summary)
+        return summary
+
+    def run_step(self, step: int, end: int, bar) -> None:
+        row = self.training_step(step)
+        done = self.global_step = step + 1
+        if self.should_evaluate(done, end):
+            self.last_eval = self.evaluate()
+            row.update(self.last_eval)
+            if self.is_main:
+                tqdm.write(f"step {done}: " + " | ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()))
+        self.after_step(done, end)
+        self.log.write(step=done, **row)
+        if self.config.log_with:
+            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=done)
+        bar.update(1)
+        bar.set_postfix({k: f"{row[k]:.3f}" for k in self.progress_keys if k in row})
+        if done % self.config.checkpoint_interval == 0 or done == end:
+            self.save_checkpoint()
+
+    def summarise(self, start: int, end: int, seconds: float) -> dict:
+        acc = self.accelerator
+        rows = [r for r in self.log.rows if r.get("step", 0) > start]
+        losses = [r["loss"] for r in rows if "loss" in r]
+        return {"stage": self.stage, "steps_run": end - start, "final_step": end, "seconds": round(seconds, 1),
+                **({"final_train_loss": losses[-1]} if losses else {}), **self.last_eval, "losses": losses,
+                "skipped_steps": self.skipped, "processes": acc.num_processes,
+                "distributed_type": str(acc.distributed_type),
+                "replica_fingerprints": replica_fingerprints(acc, self.model, "training"),
+                "checkpoint": str(self.checkpoint_dir / "last.pt"), "history": rows, "_seconds": seconds}
+
+    def finish(self, summary: dict) -> None:
+        """Write the summary file and the plot, print a readable summary (main process), close trackers."""
+        ckpt = self.checkpoint_dir
+        if self.is_main:
+            write_summary(ckpt / self.summary_file, {k: v for k, v in summary.items()
+                                                     if k not in self.summary_excludes})
+            plot = self.plot(ckpt / f"{self.stage}.png")
+            print(f"\n=== {self.stage} summary ===")
+            print(f"steps {summary['final_step'] - summary['steps_run']} -> {summary['final_step']} in "
+                  f"{summary['seconds']:.0f}s, {summary['processes']} process(es), {summary['distributed_type']}"
+                  + (f"; {self.skipped} non-finite batch(es) skipped" if self.skipped else ""))
+            for line in self.summary_lines(summary):
+                print(line)
+            print(f"replicas in sync: True ({len(summary['replica_fingerprints'])} fingerprint(s))")
+            print(f"checkpoint {summary['checkpoint']}, metrics {ckpt / 'metrics.jsonl'}"
+                  + (f", plot {plot}" if plot else "") + (f", final model {summary['model']}" if "model" in summary else ""))
+        self.accelerator.end_training()
+
+    def plot(self, path: Path) -> Path | None:
+        if not self.plots or not self.log.rows:
+            return None
+        panels = {title: {label: self.log.series(key) for label, key in lines.items()}
+                  for title, lines in self.plots.items()}
+        return save_plot(path, panels, title=self.stage)
+
+    def nothing_to_do(self, step: int) -> dict:
+        if self.is_main:
+            print(f"{self.stage}: already at step {step} of {self.config.steps} in {self.checkpoint_dir}; nothing "
+                  f"to train (raise the number of steps to continue)")
+        return {"stage": self.stage, "steps_run": 0, "final_step": step, "losses": [], "history": [],
+                "checkpoint": str(self.checkpoint_dir / "last.pt")}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def restore(self, path: Path) -> None:
+        state = read_training_state(path, self.stage)
+        self.raw_model.load_weights(state["model"], str(path))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise RuntimeError(f"the optimizer state in {path} does not fit this run's trainable parameters "
+                               f"({err}); resume with the settings the run was started with") from None
+        torch.set_rng_state(state["rng"])
+        self.global_step = self.saved_step = state["step"]
+        self.load_trainer_state(state["trainer_state"])
+
+    def save_checkpoint(self) -> None:
+        if self.is_main:
+            save_training_state(self.checkpoint_dir / "last.pt", stage=self.stage, step=self.global_step,
+                                model=self.raw_model, optimizer=self.optimizer, trainer_config=asdict(self.config),
+                                trainer_state=self.trainer_state(), metadata=self.metadata)
+        self.saved_step = self.global_step
+        self.accelerator.wait_for_everyone()
+
+    def checkpoint_note(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written in this run"
+        return f"the last checkpoint, {self.checkpoint_dir / 'last.pt'} (step {self.saved_step}), is intact"
+
+    # ------------------------------------------------------------------------------------------ the guard
+
+    def update_is_finite(self, loss: float, grad_norm, step: int) -> bool:
+        """Before an optimizer step: True to take it. A non-finite loss or gradient norm raises NonFiniteError
+        (on_nonfinite="stop"), or returns False to skip the batch ("skip"). Every process decides alike."""
+        bad = not math.isfinite(loss) or (exists(grad_norm) and not math.isfinite(float(grad_norm)))
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(bad)], device=self.accelerator.device)
+            bad = self.accelerator.reduce(flag, reduction="sum").item() > 0
+        if not bad:
+            self.bad_in_a_row = 0
+            return True
+        self.bad_in_a_row += 1
+        self.skipped += 1
+        what = f"{self.stage} step {step + 1}: loss {loss}, gradient norm {float(grad_norm) if exists(grad_norm) else '-'}"
+        if self.config.on_nonfinite == "skip" and self.bad_in_a_row < MAX_BAD_IN_A_ROW:
+            if self.is_main:
+                tqdm.write(f"{what}: not finite, batch skipped (nothing updated)")
+            return False
+        in_a_row = f" ({self.bad_in_a_row} batches in a row)" if self.config.on_nonfinite == "skip" else ""
+        raise NonFiniteError(
+            f"{what}: not finite{in_a_row}, training diverged. Stopped before the update: nothing was changed or "
+            f"saved, {self.checkpoint_note()}. Lower the learning rate (--lr), keep gradient clipping on "
+            f"(--max-grad-norm), or pass --on-nonfinite skip to skip such batches.")
+
+    def clip_gradients(self, max_norm: float):
+        """Clip to max_norm (0: no clipping) and return the global gradient norm, or None where it is unknown (fp16
+        loss scaling, whose scaler skips overflowing steps by itself)."""
+        acc = self.accelerator
+        if max_norm > 0:
+            norm = acc.clip_grad_norm_(self.params, max_norm)
+            return None if acc.scaler is not None else norm
+        if acc.scaler is not None:
+            return None
+        return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+
+
+class GradientTrainer(Trainer):
+    """A Trainer whose step sets the scheduled learning rate, accumulates `loss(step, micro)` over micro-batches,
+    clips, checks the update is finite, and steps the optimizer over every trainable parameter of the model."""
+    plots = {"loss": {"train": "loss", "held-out": "val_loss"}}
+
+    def __init__(self, model, config: TrainConfig, *, accelerator=None, metadata=None):
+        super().__init__(model, config, accelerator=accelerator, metadata=metadata)
+        self.prepare(model, model.trainable_parameters())
+        self.warmup = min(config.warmup, config.steps // 2)
+        if self.warmup < config.warmup and self.is_main:
+            print(f"warm-up shortened to {self.warmup} steps: half of a {config.steps}-step run")
+
+    def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def training_step(self, step: int) -> dict:
+        cfg, acc = self.config, self.accelerator
+        lr = lr_at(step, lr=cfg.lr, warmup=self.warmup, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        step_loss, metrics = 0.0, {}
+        for micro in range(cfg.grad_accum):
+            sync = micro == cfg.grad_accum - 1
+            with nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
+                loss, m = self.loss(step, micro)
+                acc.backward(loss / cfg.grad_accum)
+            step_loss += loss.item() / cfg.grad_accum
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
+        ok = self.update_is_finite(step_loss, self.clip_gradients(cfg.max_grad_norm), step)
+        if ok:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": step_loss, "lr": lr, **metrics} if ok else {"lr": lr, "skipped": 1}
+
+    def should_evaluate(self, done: int, end: int) -> bool:
+        every = self.config.eval_interval
+        return done == end or (every > 0 and done % every == 0)
