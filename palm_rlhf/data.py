@@ -1,4 +1,5 @@
-"""Byte-level corpora: reading raw / gzip / zip files, fetching enwik8, and random training windows."""
+"""Byte-level corpora: reading raw / gzip / zip files, the named datasets enwik8 and enwik6, random training
+windows, and prompts (windows of a corpus, or a list) for RL stages."""
 
 from __future__ import annotations
 
@@ -6,26 +7,35 @@ import gzip
 import hashlib
 import io
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .utils import atomic_write
+
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"  # the 100,000,000 raw bytes
 ENWIK8_BYTES = 100_000_000
+ENWIK6_SHA256 = "369b688978f649681136198fb96db14c1616756260c55fb4b65e9bc049552cad"  # its first 1,000,000 bytes
+ENWIK6_BYTES = 1_000_000
+DATASETS = ("enwik8", "enwik6")
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
     """The raw bytes of a file, transparently un-gzipping (.gz) or unzipping a single-member .zip."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"data file {path} is a directory; pass a text file (raw, .gz or .zip) or a dataset "
+                                f"name ({', '.join(DATASETS)})")
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise FileNotFoundError(f"data file {path} does not exist; pass a text file (raw, .gz or .zip) or a dataset "
+                                f"name ({', '.join(DATASETS)})")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic[:2] == b"\x1f\x8b":
@@ -48,7 +58,7 @@ def sha256(data: bytes) -> str:
 
 
 def download_enwik8(dest: str | os.PathLike = "data/enwik8.gz", url: str = ENWIK8_URL,
-                    expected_sha256: str = ENWIK8_SHA256) -> Path:
+                    expected_sha256: str | None = None) -> Path:
     """Fetch enwik8.zip, check the sha256 of its 100 MB of raw bytes, store it gzip-compressed at `dest`.
 
     Written atomically: an interrupted or failed download leaves nothing at `dest`.
@@ -67,6 +77,7 @@ def download_enwik8(dest: str | os.PathLike = "data/enwik8.gz", url: str = ENWIK
             f"could not download enwik8 from {url} ({err}). Without internet, fetch enwik8.zip elsewhere and put it "
             f"at {dest} (gzip, zip or raw all work), or train on any file with `--data PATH`."
         ) from err
+    expected_sha256 = expected_sha256 or ENWIK8_SHA256
     payload = buf.getvalue()
     if payload[:4] == b"PK\x03\x04":
         with zipfile.ZipFile(io.BytesIO(payload)) as z:
@@ -75,28 +86,45 @@ def download_enwik8(dest: str | os.PathLike = "data/enwik8.gz", url: str = ENWIK
     if digest != expected_sha256:
         raise RuntimeError(f"enwik8 from {url} has sha256 {digest}, expected {expected_sha256}: the download is "
                            f"corrupt or not enwik8. Nothing was written; try again or supply the file yourself.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb") as f:
-            f.write(payload)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(dest, lambda f: f.write(gzip.compress(payload)))
     return dest
 
 
-def load_corpus(path: str | os.PathLike | None = None, download_to: str = "data/enwik8.gz") -> Tensor:
-    """A uint8 tensor of the corpus bytes. With no path, enwik8 (downloaded to `download_to` if missing)."""
-    if path is None:
-        if not Path(download_to).is_file():
-            download_enwik8(download_to)
-        path = download_to
-    data = read_bytes(path)
+def dataset_file(name: str, data_dir: str | os.PathLike = "data", url: str = ENWIK8_URL) -> Path:
+    """The file of a named dataset, made on first use and checked against its sha256:
+    "enwik8" (the Hutter Prize's 100 MB, downloaded to DATA_DIR/enwik8.gz) or "enwik6" (its first 1 MB, cut from
+    enwik8 and cached as DATA_DIR/enwik6.gz: the real text this project's tests, demos and README results use)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, or pass a file path")
+    path = Path(data_dir) / f"{name}.gz"
+    if path.is_file() and name == "enwik8":
+        return path
+    if path.is_file():  # 1 MB: cheap to check at every use
+        if sha256(read_bytes(path)) != ENWIK6_SHA256:
+            raise RuntimeError(f"{path} is not enwik6 (its sha256 is not {ENWIK6_SHA256}); delete it and it is made "
+                               f"again from enwik8")
+        return path
+    if name == "enwik8":
+        return download_enwik8(path, url=url)
+    cut = read_bytes(dataset_file("enwik8", data_dir, url))[:ENWIK6_BYTES]
+    if sha256(cut) != ENWIK6_SHA256:
+        raise RuntimeError(f"the first {ENWIK6_BYTES:,} bytes of {Path(data_dir) / 'enwik8.gz'} have sha256 "
+                           f"{sha256(cut)}, expected {ENWIK6_SHA256}: that file is not enwik8. Delete it to download "
+                           f"it again. Nothing was written.")
+    atomic_write(path, lambda f: f.write(gzip.compress(cut)))
+    return path
+
+
+def load_corpus(source: str | os.PathLike | None = None, data_dir: str | os.PathLike = "data",
+                url: str = ENWIK8_URL) -> Tensor:
+    """A uint8 tensor of a corpus's bytes. `source`: a file (raw, .gz, single-file .zip), or a dataset name,
+    "enwik8" (the default) or "enwik6", fetched into `data_dir` on first use (see dataset_file)."""
+    source = "enwik8" if source is None else source
+    if str(source) in DATASETS and not Path(source).is_file():
+        source = dataset_file(str(source), data_dir, url)
+    data = read_bytes(source)
     if len(data) < 2:
-        raise ValueError(f"{path} holds {len(data)} bytes; a corpus needs at least 2")
+        raise ValueError(f"{source} holds {len(data)} bytes; a corpus needs at least 2")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
@@ -123,3 +151,35 @@ def decode_bytes(tokens) -> str:
 
 def encode_text(text: str) -> Tensor:
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def prompt_windows(corpus: Tensor, n: int, length: int, seed: int) -> list[Tensor]:
+    """n windows of `length` bytes at random places in the corpus, a function of `seed` alone."""
+    if len(corpus) <= length:
+        raise ValueError(f"corpus of {len(corpus)} bytes is too short for prompts of {length}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(corpus) - length, (n,), generator=g).tolist()
+    return [corpus[s:s + length].long() for s in starts]
+
+
+PromptSampler = Callable[[int, int], list]  # (count, seed) -> count prompts (1-D token tensors)
+
+
+def prompt_sampler(source, length: int | None = None) -> PromptSampler:
+    """Prompts for RL as a function of (count, seed) alone, so runs resume and compare exactly. `source`: a corpus
+    tensor (windows of `length` bytes), a list of strings or 1-D token tensors (drawn with replacement), or such a
+    function already."""
+    if callable(source):
+        return source
+    if isinstance(source, Tensor):
+        if length is None:
+            raise ValueError("prompts from a corpus need a window length")
+        return lambda count, seed: prompt_windows(source, count, length, seed)
+    rows = [encode_text(p) if isinstance(p, str) else p for p in source]
+    if not rows:
+        raise ValueError("no prompts given")
+
+    def draw(count: int, seed: int) -> list[Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return [rows[i] for i in torch.randint(len(rows), (count,), generator=g).tolist()]
+    return draw

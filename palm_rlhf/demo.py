@@ -7,19 +7,24 @@
   ([[ ]] {{ }} | = * # < > and the entities &lt; &gt; &amp; &quot;);
 - labels: the higher-scoring response of two is "chosen"; pairs closer than `min_gap` are skipped as ties; a
   fraction `flip` of labels is flipped at random to mimic noisy humans.
-The reward model only ever sees the labelled pairs, never this function.
+The reward model only ever sees the labelled pairs, never this function; trainers take it as a plain callable
+(`gold_fn=gold_score`), so nothing in the training stages depends on this module.
 """
 
 from __future__ import annotations
 
+import json
 import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .data import decode_bytes
+from .data import decode_bytes, prompt_windows
 from .sampling import generate
+from .utils import atomic_write_text, option, require, write_jsonl
 
 MARKUP = ("[[", "]]", "{{", "}}", "&lt;", "&gt;", "&amp;", "&quot;", "|", "=", "*", "#", "<", ">")
 
@@ -30,17 +35,6 @@ def gold_score(text: str) -> float:
         return 0.0
     clean = sum(ch.isalpha() or ch == " " for ch in text) / len(text)
     return clean - 0.05 * sum(text.count(m) for m in MARKUP)
-
-
-def gold_scores(tokens: Tensor, mask: Tensor) -> Tensor:
-    """gold_score of each row's real tokens (bytes) -> (b,) float tensor."""
-    return torch.tensor([gold_score(decode_bytes(t[m].tolist())) for t, m in zip(tokens.cpu(), mask.cpu())])
-
-
-def prompt_windows(corpus: Tensor, n: int, length: int, seed: int) -> list[Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(corpus) - length, (n,), generator=g).tolist()
-    return [corpus[s:s + length].long() for s in starts]
 
 
 @torch.no_grad()
@@ -89,3 +83,42 @@ def build_demonstrations(corpus: Tensor, *, count: int, prompt_len: int = 32, re
     rows.sort(key=lambda r: gold_score(r["response"]), reverse=True)
     return [r for r in rows[:count] if r["prompt"] and r["response"]]
 
+
+
+@dataclass
+class PreferenceTaskConfig:
+    pairs: int = option(3000, "training pairs to label")
+    val_pairs: int = option(400, "held-out pairs to label")
+    demos: int = option(2000, "SFT demonstrations to write (the cleanest real continuations)")
+    prompt_len: int = option(32, "prompt bytes (windows of the corpus)")
+    response_len: int = option(64, "response bytes sampled from the model")
+    flip: float = option(0.1, "share of labels flipped at random (noisy labellers)")
+    min_gap: float = option(0.05, "gold-score gap below which a pair is a tie (skipped)")
+    batch_size: int = option(64, "responses sampled at once")
+    seed: int = option(0, "seed of prompts, samples and label noise")
+    quiet: bool = option(False, "no progress bar")
+
+    def __post_init__(self):
+        for name in ("pairs", "val_pairs", "prompt_len", "response_len", "batch_size"):
+            require(getattr(self, name) >= 1, self, name, "must be >= 1")
+        require(self.batch_size % 2 == 0, self, "batch_size", "must be even (two responses per prompt)")
+        require(0 <= self.flip <= 1, self, "flip", "must lie in [0, 1]")
+
+
+def make_preference_files(model, corpus: Tensor, out, config: PreferenceTaskConfig) -> dict:
+    """The demo task's data: train.jsonl / val.jsonl preference pairs labelled by the (noisy) gold judge,
+    demos.jsonl for SFT and stats.json, in folder `out`."""
+    c, out = config, Path(out)
+    pairs, stats = build_preferences(model, corpus, pairs=c.pairs + c.val_pairs, prompt_len=c.prompt_len,
+                                     response_len=c.response_len, flip=c.flip, min_gap=c.min_gap,
+                                     batch=c.batch_size, seed=c.seed, quiet=c.quiet)
+    write_jsonl(pairs[:c.pairs], out / "train.jsonl")
+    write_jsonl(pairs[c.pairs:], out / "val.jsonl")
+    demos = build_demonstrations(corpus, count=c.demos, prompt_len=c.prompt_len, response_len=c.response_len,
+                                 seed=c.seed)
+    write_jsonl(demos, out / "demos.jsonl")
+    stats.update(train=c.pairs, val=c.val_pairs, demos=len(demos), config=asdict(c))
+    atomic_write_text(json.dumps(stats, indent=1), out / "stats.json")
+    print(f"wrote {c.pairs} training and {c.val_pairs} held-out pairs, {len(demos)} demonstrations to {out}; "
+          f"{stats['ties_skipped']} ties skipped, {stats['labels_flipped']} labels flipped ({stats['flip_rate']:.1%})")
+    return stats

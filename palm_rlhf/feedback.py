@@ -148,3 +148,40 @@ def collate(items: list[Encoded], pad_token: int = 0) -> dict[str, Tensor]:
         mask[i, :p + r] = True
         response_mask[i, p:p + r] = True
     return {"tokens": tokens, "mask": mask, "response_mask": response_mask}
+
+
+def as_examples(data, loader: Callable) -> list[dict]:
+    """Examples given as a list of dicts, or as the path of a JSONL file that `loader` reads."""
+    return loader(data) if isinstance(data, (str, Path)) else list(data)
+
+
+def split_examples(train: list, val: list | None = None, val_fraction: float = 0.1) -> tuple[list, list]:
+    """(train, held-out): `val` when given, else the last `val_fraction` of `train`."""
+    if val is not None:
+        return train, val
+    n_val = max(1, int(len(train) * val_fraction))
+    if n_val >= len(train):
+        raise ValueError(f"{len(train)} examples are too few to hold out {n_val} for evaluation; give more, or a "
+                         f"separate held-out set (--val)")
+    return train[:-n_val], train[-n_val:]
+
+
+def encode_or_fail(examples: list[dict], keys: tuple[str, ...], max_len: int, what: str) -> list[list[Encoded]]:
+    """encode_all, refusing a set where nothing fits and saying how many examples were dropped."""
+    encoded, dropped = encode_all(examples, keys, max_len)
+    if not encoded:
+        raise ValueError(f"every {what} example is longer than max_len {max_len} in its prompt alone; raise "
+                         f"--max-len or shorten the prompts")
+    if dropped:
+        print(f"{what}: dropped {dropped} of {len(examples)} examples whose prompt alone reaches max_len {max_len}")
+    return encoded
+
+
+def chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def draw(items: list, n: int, generator: torch.Generator) -> list:
+    """n items drawn with replacement (a seeded generator makes the draw repeatable, e.g. across a resume)."""
+    return [items[i] for i in torch.randint(len(items), (n,), generator=generator).tolist()]

@@ -1,74 +1,93 @@
 """RLHF with PPO, as InstructGPT does it (https://arxiv.org/abs/2203.02155, building on Ziegler et al. 2019,
 https://arxiv.org/abs/1909.08593, and PPO, https://arxiv.org/abs/1707.06347; GAE, https://arxiv.org/abs/1506.02438).
 
-Per iteration:
-1. Rollout: sample responses for a batch of prompts at once with the KV-cached sampler.
+Per step (one iteration):
+1. Rollout: sample responses for a batch of prompts at once with the KV-cached sampler (rollout.py).
 2. Score: the frozen reward model scores each response at its last real token; the frozen *reference* policy
    (the same weights with the actor's LoRA switched off, or a frozen copy when fine-tuning fully) gives per-token
-   log-probs. Per-token reward r_t = -beta * (log pi(a_t) - log pi_ref(a_t)), plus the clipped (optionally
+   log-probs. Per-token reward r_t = -kl_coef * (log pi(a_t) - log pi_ref(a_t)), plus the clipped (optionally
    normalised) reward-model score on the last real token.
 3. GAE (gamma, lambda) over response tokens only, advantages whitened over real tokens.
 4. Learn: PPO epochs over shuffled minibatches; clipped surrogate, clipped value loss, optional entropy bonus,
-   gradient clipping, optional early stop on approximate KL. beta follows an adaptive controller or stays fixed.
+   gradient clipping, optional early stop on approximate KL. kl_coef follows an adaptive controller or stays fixed.
+
+    trainer = PPOTrainer(ActorCritic(palm), RewardModel.load("checkpoints/reward/model"), prompts, PPOConfig())
+    trainer.train()     # before/after table on held-out prompts, checkpoints, CHECKPOINT_DIR/model = the policy
 
 The memory holds O(sequence) tensors per sample (tokens, masks, log-probs, values, rewards, advantages), never
-O(sequence x vocabulary). Log-probs are always those of the distribution sampled from (temperature, and top-k /
-top-p when set: the importance ratio uses that filtered distribution; the KL penalty compares actor and reference
-under temperature only, since filtering would make it infinite wherever the reference filters the sampled token).
+O(sequence x vocabulary). Responses are sampled at the configured temperature, without top-k / top-p (rollout.py
+says why), so the log-probs the ratio and the KL use are those of the distribution actually sampled from.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .lora import add_lora, lora_parameters, use_lora
-from .palm import PaLM
-from .reward import RewardModel
-from .sampling import generate, process_logits
-from .utils import exists, masked_mean, masked_whiten
+from .config import RunConfig
+from .metrics import save_plot
+from .policy import ActorCritic
+from .rollout import OnlineRLTrainer, Judge, entropy, judge, response_logprobs, sample, score
+from .utils import exists, masked_mean, masked_whiten, option, require
 
 
 @dataclass
-class PPOConfig:
-    prompts_per_iter: int = 16
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    eos_token: int | None = None
-    kl_coef: float = 0.05            # initial beta
-    adaptive_kl: bool = True
-    target_kl: float = 6.0           # nats per response (Ziegler et al.)
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    ppo_epochs: int = 4
-    minibatch_size: int = 8
-    clip_ratio: float = 0.2
-    clip_value: float = 0.2
-    value_coef: float = 0.1
-    entropy_coef: float = 0.0
-    max_grad_norm: float | None = 1.0   # None or 0: no clipping
-    reward_clip: float | None = 10.0    # None or 0: no clipping
-    normalize_reward: bool = False   # running mean/std of reward-model scores
-    whiten_advantages: bool = True
-    early_stop_kl: float | None = None  # stop the epochs when a minibatch's approximate KL exceeds this (0: off)
+class PPOConfig(RunConfig):
+    steps: int = 100
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    checkpoint_interval: int = 10
+    checkpoint_dir: str = "checkpoints/ppo"
+    prompts_per_iter: int = option(16, "prompts rolled out per step, per process")
+    max_new_tokens: int = option(64, "response length")
+    temperature: float = option(1.0, "sampling temperature of the rollouts (> 0)")
+    top_k: int | None = option(None, "refused (see __post_init__)", hidden=True)
+    top_p: float | None = option(None, "refused (see __post_init__)", hidden=True)
+    eos_token: int | None = option(None, "token that ends a response (none: always max_new_tokens)")
+    kl_coef: float = option(0.05, "initial coefficient of the per-token KL penalty (beta)")
+    adaptive_kl: bool = option(True, "adapt kl_coef toward target_kl (Ziegler et al.); off: fixed")
+    target_kl: float = option(6.0, "target KL to the reference, nats per response")
+    kl_horizon: int = option(10000, "horizon of the adaptive KL controller, in samples")
+    gamma: float = option(1.0, "GAE discount")
+    lam: float = option(0.95, "GAE lambda")
+    ppo_epochs: int = option(4, "passes over each step's rollouts")
+    minibatch_size: int = option(8, "rollouts per learning minibatch")
+    clip_ratio: float = option(0.2, "PPO policy clip range")
+    clip_value: float = option(0.2, "value clip range")
+    value_coef: float = option(0.1, "weight of the value loss")
+    entropy_coef: float = option(0.0, "weight of the entropy bonus")
+    reward_clip: float = option(10.0, "clip reward-model scores to +-this (0 = off)")
+    normalize_reward: bool = option(False, "normalise scores by their running mean and std")
+    whiten_advantages: bool = option(True, "whiten advantages over each step's real tokens")
+    early_stop_kl: float = option(0.0, "stop a step's epochs when a minibatch's approximate KL exceeds this (0 = off)")
+    critic_from_reward: bool = option(False, "initialise the value head (and adapter) from the reward model, as "
+                                             "InstructGPT does")
+    eval_prompts: int = option(256, "held-out prompts for the before/after table")
+    best_of: int = option(8, "N of the best-of-N baseline in the table (0 or 1 = skip)")
 
     def __post_init__(self):
-        if self.prompts_per_iter % self.minibatch_size != 0:
-            raise ValueError(f"prompts_per_iter ({self.prompts_per_iter}) must be a multiple of minibatch_size "
-                             f"({self.minibatch_size})")
-        if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
-            raise ValueError("gamma and lam must lie in [0, 1]")
-
+        super().__post_init__()
+        for name in ("top_k", "top_p"):
+            require(getattr(self, name) is None, self, name, "PPO samples from the full temperature-scaled "
+                    "distribution: a top-k/top-p filter moves with the weights, so a sampled token can fall outside "
+                    "it after an update (infinite ratio and KL). Leave it unset (TRL advises the same); use "
+                    "top-k/top-p when sampling from the trained policy (train.py sample)")
+        for name in ("prompts_per_iter", "max_new_tokens", "ppo_epochs", "minibatch_size", "kl_horizon"):
+            require(getattr(self, name) >= 1, self, name, "must be >= 1")
+        require(self.prompts_per_iter % self.minibatch_size == 0, self, "prompts_per_iter",
+                f"must be a multiple of minibatch_size ({self.minibatch_size})")
+        require(self.temperature > 0, self, "temperature", "must be > 0")
+        require(0 <= self.gamma <= 1, self, "gamma", "must lie in [0, 1]")
+        require(0 <= self.lam <= 1, self, "lam", "must lie in [0, 1]")
+        require(self.target_kl > 0, self, "target_kl", "must be > 0")
+        for name in ("reward_clip", "early_stop_kl", "best_of"):
+            require(getattr(self, name) >= 0, self, name, "must be >= 0 (0 = off)")
+        require(self.eval_prompts >= 2, self, "eval_prompts", "the before/after table needs at least 2 held-out "
+                "prompts (it reports a standard deviation over them); 64 or more give a usable estimate")
 
 # ---------------------------------------------------------------------------------------------------- maths
 
@@ -118,15 +137,15 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
 
 
 class AdaptiveKLController:
-    """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)   (Ziegler et al. 2019)."""
+    """kl_coef <- kl_coef * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)   (Ziegler et al. 2019)."""
 
-    def __init__(self, beta: float, target: float, horizon: int, adaptive: bool = True):
-        self.beta, self.target, self.horizon, self.adaptive = beta, target, horizon, adaptive
+    def __init__(self, kl_coef: float, target: float, horizon: int, adaptive: bool = True):
+        self.kl_coef, self.target, self.horizon, self.adaptive = kl_coef, target, horizon, adaptive
 
     def update(self, kl: float, n: int) -> None:
         if self.adaptive:
             error = min(max(kl / self.target - 1, -0.2), 0.2)
-            self.beta *= 1 + error * n / self.horizon
+            self.kl_coef *= 1 + error * n / self.horizon
 
 
 class RunningMoments:
@@ -146,91 +165,14 @@ class RunningMoments:
     def std(self) -> float:
         return math.sqrt(max(self.var, 1e-8))
 
-# ---------------------------------------------------------------------------------------------------- models
-
-
-class ActorCritic(nn.Module):
-    """Actor, critic and reference on one base PaLM.
-
-    LoRA (lora_r > 0): the base weights are frozen and shared; the actor and the critic are two LoRA scopes, the
-    reference policy is the base with both switched off (no second copy). Full fine-tuning (lora_r = 0): the actor
-    is the PaLM itself, the critic trunk a trainable copy, the reference a frozen copy.
-    forward() runs actor and critic in one call, so DDP sees one forward per backward.
-    """
-
-    def __init__(self, palm: PaLM, *, lora_r: int = 8, lora_alpha: float = 16.0):
-        super().__init__()
-        self.palm = palm
-        self.lora = lora_r > 0
-        if self.lora:
-            add_lora(palm, "actor", r=lora_r, alpha=lora_alpha)
-            add_lora(palm, "critic", r=lora_r, alpha=lora_alpha)
-            for p in palm.parameters():
-                p.requires_grad_(False)
-            for p in lora_parameters(palm, "actor") + lora_parameters(palm, "critic"):
-                p.requires_grad_(True)
-            self.critic_trunk, self.reference = None, None
-        else:
-            self.critic_trunk = copy.deepcopy(palm)
-            self.reference = copy.deepcopy(palm).requires_grad_(False)
-        self.value_head = nn.Linear(palm.config.dim, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-
-    def init_critic_from_reward(self, rm: RewardModel) -> None:
-        """InstructGPT initialises the value function from the reward model: copy its head (and, when the reward
-        model is a LoRA scope on the same base architecture, its adapter into the critic's)."""
-        with torch.no_grad():
-            self.value_head.weight.copy_(rm.head.weight[:1])
-            self.value_head.bias.copy_(rm.head.bias[:1])
-            if self.lora and rm.scope:
-                for mine, theirs in zip(self.palm.modules(), rm.palm.modules()):
-                    if hasattr(mine, "lora_A") and "critic" in mine.lora_A and rm.scope in theirs.lora_A:
-                        if mine.lora_A["critic"].shape == theirs.lora_A[rm.scope].shape:
-                            mine.lora_A["critic"].copy_(theirs.lora_A[rm.scope])
-                            mine.lora_B["critic"].copy_(theirs.lora_B[rm.scope])
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def actor_logits(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        if self.lora:
-            with use_lora(self.palm, "actor"):
-                return self.palm(tokens, mask=mask)
-        return self.palm(tokens, mask=mask)
-
-    @torch.no_grad()
-    def reference_logits(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        if self.lora:
-            with use_lora(self.palm):
-                return self.palm(tokens, mask=mask)
-        return self.reference(tokens, mask=mask)
-
-    def values(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        if self.lora:
-            with use_lora(self.palm, "critic"):
-                hidden = self.palm(tokens, mask=mask, return_hidden=True)
-        else:
-            hidden = self.critic_trunk(tokens, mask=mask, return_hidden=True)
-        return self.value_head(hidden).squeeze(-1)
-
-    def forward(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        return self.actor_logits(tokens, mask), self.values(tokens, mask)
-
-    def generation_context(self):
-        """Context in which self.palm samples from the actor."""
-        return use_lora(self.palm, "actor") if self.lora else use_lora(self.palm)
-
-# ---------------------------------------------------------------------------------------------------- memory
-
 
 @dataclass
 class Memory:
-    """One iteration's rollouts: everything is (b, t) over response tokens, or (b, p + t) for sequences."""
+    """One step's rollouts. (b, p + t) for whole sequences; every (b, t) tensor is aligned with the responses."""
     sequences: Tensor
-    sequence_mask: Tensor
+    mask: Tensor            # (b, p + t) real tokens of the sequences
     prompt_len: int
-    mask: Tensor            # real response tokens
+    action_mask: Tensor     # (b, t) real response tokens: the actions
     logprobs: Tensor        # behaviour policy, recomputed by the learning forward pass (see rollout)
     sampler_logprobs: Tensor
     ref_logprobs: Tensor
@@ -239,82 +181,35 @@ class Memory:
     advantages: Tensor
     returns: Tensor
     scores: Tensor          # reward-model scores (b,)
-    kl: Tensor              # per-token log pi - log pi_ref (temperature-scaled, unfiltered)
+    kl: Tensor              # per-token log pi - log pi_ref
     order: Tensor           # the first epoch's minibatch order (old log-probs were computed in this grouping)
     first_forward: tuple | None = None  # (logits, values) of that first minibatch, with autograd graph; see rollout
 
     def minibatch(self, idx: Tensor) -> dict:
-        keys = ("sequences", "sequence_mask", "mask", "logprobs", "values", "advantages", "returns")
+        keys = ("sequences", "mask", "action_mask", "logprobs", "values", "advantages", "returns")
         return {k: getattr(self, k)[idx] for k in keys}
-
-
-def response_logprobs(logits: Tensor, sequences: Tensor, prompt_len: int, cfg: PPOConfig, filtered: bool = True):
-    """log-probs (b, t) of the response tokens and the processed log-distribution (b, t, v) they came from."""
-    logits = logits[:, prompt_len - 1:-1]
-    if filtered:
-        logp = process_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p)
-    else:
-        logp = process_logits(logits, cfg.temperature)
-    tokens = sequences[:, prompt_len:]
-    return logp.gather(-1, tokens[..., None]).squeeze(-1), logp
-
-
-def entropy(logp: Tensor, mask: Tensor) -> Tensor:
-    p = logp.exp()
-    ent = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
-    return masked_mean(ent, mask)
-
 
 # ---------------------------------------------------------------------------------------------------- trainer
 
 
-class PPOTrainer:
-    """Rollout + learn on an ActorCritic against a frozen RewardModel, with accelerate (DDP across processes)."""
+class PPOTrainer(OnlineRLTrainer):
+    """Rollout + learn on an ActorCritic against a frozen reward model (a RewardModel, which may be a LoRA scope on
+    the actor's own PaLM, or any function (tokens, mask, response_mask) -> scores), with accelerate (DDP).
 
-    def __init__(self, actor_critic: ActorCritic, reward_model: RewardModel, cfg: PPOConfig, *, accelerator,
-                 lr: float = 1e-4, seed: int = 0, gold_fn=None):
-        self.cfg, self.accelerator, self.seed, self.gold_fn = cfg, accelerator, seed, gold_fn
-        if isinstance(reward_model, nn.Module):
-            reward_model = reward_model.to(accelerator.device).eval().requires_grad_(False)
-        # a RewardModel, or any function (tokens, mask, response_mask) -> (b,) scores, e.g. a programmatic reward
-        self.reward_fn = reward_model.score if isinstance(reward_model, RewardModel) else reward_model
-        params = actor_critic.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        self.model, self.optimizer = accelerator.prepare(actor_critic, optimizer)
-        self.ac = accelerator.unwrap_model(self.model)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon, cfg.adaptive_kl)
+    prompts: what training draws from, as data.prompt_sampler takes it (a list of strings or token tensors, or a
+    (count, seed) -> prompts function such as windows of a corpus). gold_fn(text) -> float: a known judge, reported
+    beside the reward model (the demo task's). step(prompts) runs one iteration on given prompts; the before/after
+    table on held-out prompts comes from OnlineRLTrainer (rollout.py)."""
+    stage = "ppo"
+    progress_keys = ("rm_score", "kl", "kl_coef", "gold_score")
+
+    def __init__(self, actor_critic: ActorCritic, reward_model, prompts=None, config: PPOConfig | None = None, *,
+                 gold_fn: Judge | None = None, accelerator=None, metadata=None):
+        config = config if exists(config) else PPOConfig()
+        super().__init__(actor_critic, reward_model, prompts, config, gold_fn=gold_fn, accelerator=accelerator,
+                         metadata=metadata)
+        self.kl_ctl = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon, config.adaptive_kl)
         self.reward_moments = RunningMoments()
-        self.iteration = 0
-
-    def _generator(self, *parts) -> torch.Generator:
-        """A generator that depends only on (seed, rank, parts): rollouts and shuffles survive resumption."""
-        key = repr((self.seed, self.accelerator.process_index) + parts).encode()
-        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:7], "little"))
-
-    def sample(self, prompts: list[Tensor], generator: torch.Generator, actor: bool = True, n: int = 1):
-        """Generate from the actor (or the reference policy) for each prompt, n times each."""
-        self.ac.eval()
-        device = self.accelerator.device
-        prompts = [p.to(device) for p in prompts for _ in range(n)]
-        if actor:
-            model, context = self.ac.palm, self.ac.generation_context()
-        elif self.ac.lora:
-            model, context = self.ac.palm, use_lora(self.ac.palm)   # adapters off: the reference policy
-        else:
-            model, context = self.ac.reference, nullcontext()
-        with context:
-            gen_device = torch.Generator(device=device).manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
-            return generate(model, prompts, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                            top_k=self.cfg.top_k, top_p=self.cfg.top_p, eos_token=self.cfg.eos_token,
-                            generator=gen_device)
-
-    @torch.no_grad()
-    def score(self, gen) -> tuple[Tensor, Tensor, Tensor]:
-        """Reward-model scores (b,), sequences and sequence mask of a Generation."""
-        seq, seq_mask = gen.sequences()
-        response = torch.cat((torch.zeros_like(gen.prompt_mask), gen.mask), dim=1)
-        return self.reward_fn(seq, seq_mask, response), seq, seq_mask
 
     @torch.no_grad()
     def rollout(self, prompts: list[Tensor], keep_first_forward: bool = False) -> Memory:
@@ -326,82 +221,80 @@ class PPOTrainer:
         The model has no dropout, so this eval-mode pass equals a train-mode one; a fork that adds dropout should
         switch the model to train mode for it.
         """
-        cfg = self.cfg
-        gen = self.sample(prompts, self._generator("rollout", self.iteration))
-        scores, seq, seq_mask = self.score(gen)
-        p, mask = gen.prompt.shape[1], gen.mask
-        b, t = mask.shape
-        order = torch.randperm(b, generator=self._generator("order", self.iteration, 0)).to(seq.device)
-        logprobs, values, actor_lp = (torch.zeros(b, t, device=seq.device) for _ in range(3))
+        cfg, acc = self.config, self.accelerator
+        gen = sample(self.ac, prompts, cfg, self._generator("rollout", self.global_step), device=acc.device)
+        scores, seq, seq_mask = score(self.reward_fn, gen)
+        p, action_mask = gen.prompt.shape[1], gen.mask
+        b, t = action_mask.shape
+        order = torch.randperm(b, generator=self._generator("order", self.global_step, 0)).to(seq.device)
+        logprobs, values = torch.zeros(b, t, device=seq.device), torch.zeros(b, t, device=seq.device)
         first_forward = None
         for n, idx in enumerate(order.split(cfg.minibatch_size)):  # the first epoch's grouping: ratios start at 1
             keep = keep_first_forward and n == 0
-            with torch.set_grad_enabled(keep), self.accelerator.autocast():
+            with torch.set_grad_enabled(keep), acc.autocast():
                 logits, v = self.model(seq[idx], seq_mask[idx])
             if keep:
                 first_forward = (logits, v)
                 logits, v = logits.detach(), v.detach()
-            logprobs[idx] = response_logprobs(logits, seq[idx], p, cfg)[0].float()
-            # the KL penalty uses the unfiltered distribution; without top-k / top-p the two are the same
-            actor_lp[idx] = response_logprobs(logits, seq[idx], p, cfg, filtered=False)[0].float() \
-                if exists(cfg.top_k) or exists(cfg.top_p) else logprobs[idx]
+            logprobs[idx] = response_logprobs(logits, seq[idx], p, cfg.temperature)[0].float()
             values[idx] = v[:, p - 1:-1].float()
-        with self.accelerator.autocast():
-            ref_lp = response_logprobs(self.ac.reference_logits(seq, seq_mask), seq, p, cfg, filtered=False)[0]
-        fmask = mask.float()
-        kl = (actor_lp - ref_lp.float()) * fmask
+        with acc.autocast():
+            ref_lp = response_logprobs(self.ac.reference_logits(seq, seq_mask), seq, p, cfg.temperature)[0].float()
+        fmask = action_mask.float()
+        kl = (logprobs - ref_lp) * fmask
         s = scores.float()
         if cfg.normalize_reward:
-            self.reward_moments.update(self.accelerator.gather(s))
+            self.reward_moments.update(acc.gather(s))
             s = (s - self.reward_moments.mean) / self.reward_moments.std
-        if exists(cfg.reward_clip) and cfg.reward_clip > 0:
+        if cfg.reward_clip > 0:
             s = s.clamp(-cfg.reward_clip, cfg.reward_clip)
-        rewards = -self.kl_ctl.beta * kl
-        last = mask.long().sum(dim=1) - 1
-        rewards[torch.arange(b, device=seq.device), last] += s
+        rewards = -self.kl_ctl.kl_coef * kl
+        rewards[torch.arange(b, device=seq.device), action_mask.long().sum(dim=1) - 1] += s
         values = values * fmask
-        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        advantages, returns = gae(rewards, values, action_mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-        return Memory(seq, seq_mask, p, mask, logprobs * fmask, gen.logprobs, ref_lp.float() * fmask, values,
+            advantages = masked_whiten(advantages, action_mask)
+        return Memory(seq, seq_mask, p, action_mask, logprobs * fmask, gen.logprobs, ref_lp * fmask, values,
                       rewards, advantages, returns, scores.float(), kl, order, first_forward)
 
+    def minibatch_loss(self, memory: Memory, idx: Tensor) -> tuple[Tensor, tuple, Tensor]:
+        """The PPO loss of one minibatch -> loss, (policy loss, value loss, entropy, clip fractions, approx KL), ratio."""
+        cfg, mb, p = self.config, memory.minibatch(idx), memory.prompt_len
+        with self.accelerator.autocast():
+            if exists(memory.first_forward):  # computed by the rollout at these same weights
+                (logits, v), memory.first_forward = memory.first_forward, None
+            else:
+                logits, v = self.model(mb["sequences"], mb["mask"])
+            lp, logp = response_logprobs(logits, mb["sequences"], p, cfg.temperature)
+            pg, pg_clip, approx_kl, ratio = policy_loss(lp.float(), mb["logprobs"], mb["advantages"],
+                                                        mb["action_mask"], cfg.clip_ratio)
+            vf, vf_clip = value_loss(v[:, p - 1:-1].float(), mb["values"], mb["returns"], mb["action_mask"],
+                                     cfg.clip_value)
+            ent = entropy(logp.float(), mb["action_mask"])
+            loss = pg + cfg.value_coef * vf - cfg.entropy_coef * ent
+        return loss, (pg, vf, ent, pg_clip, vf_clip, approx_kl), ratio.detach()[mb["action_mask"]]
+
     def learn(self, memory: Memory) -> dict:
-        cfg, acc = self.cfg, self.accelerator
+        cfg, acc = self.config, self.accelerator
         self.ac.train()
         stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "policy_clip_frac", "value_clip_frac",
                                  "approx_kl")}
         first_ratio, stop, epochs_run = None, False, 0
-        b, p = memory.mask.shape[0], memory.prompt_len
+        b = memory.action_mask.shape[0]
         for epoch in range(cfg.ppo_epochs):
             order = memory.order if epoch == 0 else torch.randperm(
-                b, generator=self._generator("order", self.iteration, epoch)).to(memory.mask.device)
+                b, generator=self._generator("order", self.global_step, epoch)).to(memory.action_mask.device)
             for idx in order.split(cfg.minibatch_size):
-                mb = memory.minibatch(idx)
-                with acc.autocast():
-                    if exists(memory.first_forward):  # computed by the rollout at these same weights
-                        (logits, v), memory.first_forward = memory.first_forward, None
-                    else:
-                        logits, v = self.model(mb["sequences"], mb["sequence_mask"])
-                    lp, logp = response_logprobs(logits, mb["sequences"], p, cfg)
-                    v = v[:, p - 1:-1].float()
-                    pg, pg_clip, approx_kl, ratio = policy_loss(lp.float(), mb["logprobs"], mb["advantages"],
-                                                                mb["mask"], cfg.clip_ratio)
-                    vf, vf_clip = value_loss(v, mb["values"], mb["returns"], mb["mask"], cfg.clip_value)
-                    ent = entropy(logp.float(), mb["mask"])
-                    loss = pg + cfg.value_coef * vf - cfg.entropy_coef * ent
-                if first_ratio is None:
-                    first_ratio = ratio.detach()[mb["mask"]]
+                loss, parts, ratio = self.minibatch_loss(memory, idx)
+                first_ratio = ratio if first_ratio is None else first_ratio
                 acc.backward(loss)
-                if exists(cfg.max_grad_norm) and cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                self.optimizer.step()
+                if self.update_is_finite(loss.item(), self.clip_gradients(cfg.max_grad_norm), self.global_step):
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                for k, val in zip(stats, (pg, vf, ent, pg_clip, vf_clip, approx_kl)):
+                for k, val in zip(stats, parts):
                     stats[k].append(val.item())
-                if exists(cfg.early_stop_kl) and cfg.early_stop_kl > 0:
-                    kl_all = acc.reduce(approx_kl.detach().reshape(1), reduction="mean").item()
-                    stop = kl_all > cfg.early_stop_kl
+                if cfg.early_stop_kl > 0:
+                    stop = acc.reduce(parts[-1].detach().reshape(1), reduction="mean").item() > cfg.early_stop_kl
                     if stop:
                         break
             epochs_run += 1
@@ -412,59 +305,54 @@ class PPOTrainer:
         return out
 
     def step(self, prompts: list[Tensor]) -> dict:
-        """One PPO iteration: rollout, learn, adapt beta. Returns the iteration's statistics."""
+        """One PPO iteration on these prompts: rollout, learn, adapt kl_coef. Returns the iteration's statistics."""
         t0 = time.time()
         memory = self.rollout(prompts, keep_first_forward=True)
         t_rollout = time.time() - t0
         stats = self.learn(memory)
         acc = self.accelerator
-        m = memory.mask.float()
+        m = memory.action_mask.float()
         seq_kl = acc.reduce(memory.kl.sum(1).mean().reshape(1), reduction="mean").item()
         n = len(prompts) * acc.num_processes
-        beta = self.kl_ctl.beta
+        kl_coef = self.kl_ctl.kl_coef
         self.kl_ctl.update(seq_kl, n)
-        self.iteration += 1
+        self.global_step += 1
         elapsed = time.time() - t0
-        out = {
-            "iteration": self.iteration, "rm_score": acc.reduce(memory.scores.mean().reshape(1), "mean").item(),
-            "kl": seq_kl, "beta": beta, "response_tokens": m.sum(1).mean().item(),
-            "explained_variance": explained_variance(memory.values, memory.returns, memory.mask),
-            "samples_per_s": n / elapsed, "tokens_per_s": acc.reduce(m.sum().reshape(1), "sum").item() / elapsed,
-            "rollout_s": t_rollout, "learn_s": elapsed - t_rollout, **stats,
-        }
+        out = {"rm_score": acc.reduce(memory.scores.mean().reshape(1), "mean").item(), "kl": seq_kl,
+               "kl_coef": kl_coef, "response_tokens": m.sum(1).mean().item(),
+               "explained_variance": explained_variance(memory.values, memory.returns, memory.action_mask),
+               "samples_per_s": n / elapsed, "tokens_per_s": acc.reduce(m.sum().reshape(1), "sum").item() / elapsed,
+               "rollout_s": t_rollout, "learn_s": elapsed - t_rollout, **stats}
         if exists(self.gold_fn):
-            out["gold_score"] = self.gold_fn(memory.sequences[:, memory.prompt_len:], memory.mask).mean().item()
+            out["gold_score"] = judge(self.gold_fn, memory.sequences[:, memory.prompt_len:],
+                                      memory.action_mask).mean().item()
         return out
 
-    @torch.no_grad()
-    def evaluate(self, prompts: list[Tensor], *, actor: bool = True, best_of: int = 1, seed: int = 0) -> dict:
-        """Mean RM score, gold score and KL to the reference of samples from the actor or the reference policy;
-        best_of > 1: sample that many per prompt from the policy and keep the one the reward model likes best."""
-        gen = self.sample(prompts, self._generator("eval", seed, actor, best_of), actor=actor, n=best_of)
-        scores, seq, seq_mask = self.score(gen)
-        pick = scores.view(len(prompts), best_of).argmax(dim=1) + torch.arange(len(prompts), device=seq.device) * best_of
-        p = gen.prompt.shape[1]
-        out = {"rm_score": scores[pick].mean().item(), "rm_score_std": scores[pick].std().item() if len(pick) > 1 else 0.0}
-        if exists(self.gold_fn):
-            gold = self.gold_fn(gen.tokens[pick], gen.mask[pick])
-            out.update(gold_score=gold.mean().item(), gold_score_std=gold.std().item() if len(pick) > 1 else 0.0,
-                       gold_per_prompt=gold.tolist())
-        if best_of == 1 and not actor:
-            out["kl"] = 0.0  # samples of the reference policy itself
-        elif best_of == 1:
-            with self.accelerator.autocast():
-                actor_lp = response_logprobs(self.ac.actor_logits(seq, seq_mask), seq, p, self.cfg, False)[0]
-                ref_lp = response_logprobs(self.ac.reference_logits(seq, seq_mask), seq, p, self.cfg, False)[0]
-            out["kl"] = ((actor_lp.float() - ref_lp.float()) * gen.mask).sum(1).mean().item()
-        else:
-            out["kl_bound"] = math.log(best_of) - (best_of - 1) / best_of  # analytic KL of best-of-N
-        return out
+    def plot(self, path):
+        return ppo_plot(path, self.log, self.before, self.config)
 
-    def state_dict(self) -> dict:
-        return {"beta": self.kl_ctl.beta, "iteration": self.iteration, "reward_mean": self.reward_moments.mean,
-                "reward_var": self.reward_moments.var, "reward_count": self.reward_moments.count}
+    def trainer_state(self) -> dict:
+        m = self.reward_moments
+        return {**super().trainer_state(), "kl_coef": self.kl_ctl.kl_coef, "reward_mean": m.mean, "reward_var": m.var,
+                "reward_count": m.count}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.kl_ctl.beta, self.iteration = state["beta"], state["iteration"]
+    def load_trainer_state(self, state: dict) -> None:
+        super().load_trainer_state(state)
+        self.kl_ctl.kl_coef = state["kl_coef"]
         self.reward_moments.mean, self.reward_moments.var = state["reward_mean"], state["reward_var"]
         self.reward_moments.count = state["reward_count"]
+
+
+def ppo_plot(path, log, before: dict, config: PPOConfig):
+    """Reward-model score, KL (with its target) and, with a gold judge, the gold score with the reference's
+    held-out level and that level plus one standard deviation."""
+    steps = log.series("kl")[0]
+    level = lambda value: (steps, [value] * len(steps))  # noqa: E731
+    panels = {"reward-model score": {"rollouts": log.series("rm_score")},
+              "KL to reference (nats/response)": {"rollouts": log.series("kl"), **(
+                  {"target": level(config.target_kl)} if config.adaptive_kl else {})}}
+    if "gold_score" in before:
+        panels["gold score"] = {"rollouts": log.series("gold_score"),
+                                "reference (held-out)": level(before["gold_score"]),
+                                "reference + 1 sd": level(before["gold_score"] + before["gold_score_std"])}
+    return save_plot(path, panels, title="PPO")

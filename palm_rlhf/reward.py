@@ -1,25 +1,38 @@
 """Reward model: a PaLM trunk with a scalar head, trained on human preferences (InstructGPT step 2,
 https://arxiv.org/abs/2203.02155, section 3.5).
 
-- The trunk is the pretrained / SFT PaLM with its own LoRA scope ("reward", the base weights shared and frozen) or,
-  with lora_r=0, the whole PaLM fine-tuned (pass a copy if you want to keep the original).
+- The trunk is the pretrained / SFT PaLM with its own LoRA scope ("reward", the base weights frozen on construction,
+  so the same PaLM can also carry the PPO actor and critic) or, with LoRAConfig(r=0), the whole PaLM fine-tuned
+  (pass a copy if you want to keep the original).
 - A learned segment embedding tells prompt tokens (0) from response tokens (1).
 - The score is read from the final hidden state of the *last real token* of each sequence, wherever the padding is
   (right-padded pairs, or PPO's left-padded prompt + right-padded response).
 - Losses: pairwise Bradley-Terry (optionally with a margin), rating bins (cross entropy), regression (MSE).
   Inference is deterministic: the scalar score, or for bins the expected rating under the bin distribution.
+
+    rm = RewardModel(PaLM.load("checkpoints/sft/model"))
+    RewardTrainer(rm, [{"prompt": ..., "chosen": ..., "rejected": ...}, ...], RewardConfig(steps=250)).train()
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from beartype import beartype
 from torch import Tensor, nn
 
-from .lora import add_lora, lora_parameters, use_lora
-from .palm import PaLM
-from .utils import exists
+from .checkpoint import Checkpointable, register
+from .config import TrainConfig
+from .feedback import (as_examples, chunks, collate, draw, encode_or_fail, load_preferences, load_ratings,
+                       split_examples)
+from .lora import LoRAConfig, add_trainable_lora, keep_scopes, lora_parameters, use_lora
+from .palm import PaLM, PaLMConfig
+from .training import GradientTrainer, step_generator
+from .utils import exists, option, require
 
 
 def last_real_index(mask: Tensor) -> Tensor:
@@ -28,16 +41,17 @@ def last_real_index(mask: Tensor) -> Tensor:
     return torch.where(mask, positions, -1).amax(dim=-1).clamp(min=0)
 
 
-class RewardModel(nn.Module):
+@register("reward_model")
+class RewardModel(Checkpointable, nn.Module):
     @beartype
-    def __init__(self, palm: PaLM, *, lora_r: int = 8, lora_alpha: float = 16.0, scope: str = "reward",
+    def __init__(self, palm: PaLM, *, lora: LoRAConfig = LoRAConfig(), scope: str = "reward",
                  num_bins: int | None = None, bin_values: list[float] | None = None):
         super().__init__()
         self.palm = palm
-        self.scope = scope if lora_r > 0 else None
-        self.lora_r = lora_r
+        self.lora = lora if lora.enabled else None
+        self.scope = scope if lora.enabled else None
         if self.scope:
-            add_lora(palm, scope, r=lora_r, alpha=lora_alpha)
+            add_trainable_lora(palm, scope, lora)
         dim = palm.config.dim
         self.segment_emb = nn.Embedding(2, dim)
         nn.init.zeros_(self.segment_emb.weight)
@@ -45,26 +59,37 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(dim, num_bins or 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.bin_values_list = bin_values
         if exists(num_bins):
             values = bin_values if exists(bin_values) else list(range(num_bins))
             if len(values) != num_bins:
                 raise ValueError(f"bin_values has {len(values)} entries for {num_bins} bins")
             self.register_buffer("bin_values", torch.tensor(values, dtype=torch.float32), persistent=False)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        head = list(self.segment_emb.parameters()) + list(self.head.parameters())
-        return (lora_parameters(self.palm, self.scope) if self.scope else list(self.palm.parameters())) + head
+    def own_parameters(self) -> list[nn.Parameter]:
+        """What belongs to this reward model alone: its adapter and head (with LoRA), or everything (without)."""
+        if not self.scope:
+            return list(self.parameters())
+        return lora_parameters(self.palm, self.scope) + list(self.segment_emb.parameters()) + list(self.head.parameters())
 
-    def freeze_base(self) -> None:
-        """With LoRA, only the adapter and the head learn."""
-        if self.scope:
-            for p in self.palm.parameters():
-                p.requires_grad_(False)
-            for p in self.trainable_parameters():
-                p.requires_grad_(True)
+    def config_dict(self) -> dict:
+        return {"kind": self.kind, "model": self.palm.config.to_dict(),
+                "lora": self.lora.to_dict() if self.lora else None, "scope": self.scope or "reward",
+                "num_bins": self.num_bins, "bin_values": self.bin_values_list,
+                "policy": {"prefix": "palm.", "scope": None, "lora": None}}
+
+    @classmethod
+    def from_config_dict(cls, config: dict) -> "RewardModel":
+        lora = LoRAConfig(**config["lora"]) if config.get("lora") else LoRAConfig(r=0)
+        return cls(PaLM(PaLMConfig.from_dict(config["model"])), lora=lora, scope=config.get("scope", "reward"),
+                   num_bins=config.get("num_bins"), bin_values=config.get("bin_values"))
+
+    def weights(self) -> dict[str, Tensor]:
+        return keep_scopes(self.state_dict(), [self.scope] if self.scope else [])  # not a shared trunk's others
 
     def forward(self, tokens: Tensor, mask: Tensor, response_mask: Tensor) -> Tensor:
-        """-> (b,) scores, or (b, num_bins) logits for a rating-bin model."""
+        """tokens, mask (real tokens), response_mask (response tokens) (b, n) -> (b,) scores, or (b, num_bins)
+        logits for a rating-bin model."""
         segments = self.segment_emb(response_mask.long())
         if self.scope:
             with use_lora(self.palm, self.scope):
@@ -100,14 +125,105 @@ def regression_loss(scores: Tensor, ratings: Tensor) -> Tensor:
 def pairwise_accuracy(chosen: Tensor, rejected: Tensor) -> float:
     return (chosen > rejected).float().mean().item()
 
+# ---------------------------------------------------------------------------------------------------- trainer
 
-def load_reward_model(path) -> RewardModel:
-    """A frozen RewardModel from a `train.py reward` checkpoint (no pickled code is executed)."""
-    from .palm import PaLMConfig
-    from .training import load_checkpoint
-    state = load_checkpoint(path, stage="reward")
-    extra = state["extra"]
-    rm = RewardModel(PaLM(PaLMConfig.from_dict(state["config"])), lora_r=extra["lora_r"],
-                     lora_alpha=extra["lora_alpha"], num_bins=extra.get("num_bins"))
-    rm.load_state_dict(state["model"])
-    return rm.eval().requires_grad_(False)
+
+@dataclass
+class RewardConfig(TrainConfig):
+    steps: int = 300
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup: int = 20
+    eval_interval: int = 50
+    checkpoint_interval: int = 100
+    checkpoint_dir: str = "checkpoints/reward"
+    objective: str = option("pairwise", "pairwise: Bradley-Terry on preference pairs; bins: cross entropy over "
+                            "rating bins; regression: MSE on ratings", choices=("pairwise", "bins", "regression"))
+    num_bins: int = option(5, "objective bins: ratings 0..n-1 (the model gets n outputs)")
+    margin: float = option(0.0, "Bradley-Terry margin")
+    max_len: int = option(256, "prompt + response tokens; longer responses are cut, longer prompts dropped")
+    val_fraction: float = option(0.1, "held out from the training file when no held-out file is given")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.num_bins >= 2, self, "num_bins", "must be >= 2")
+        require(self.max_len >= 2, self, "max_len", "must be >= 2")
+        require(0 < self.val_fraction < 1, self, "val_fraction", "must lie strictly between 0 and 1")
+
+
+class RewardTrainer(GradientTrainer):
+    """Trains a RewardModel on preference pairs (or ratings). gold_fn(text) -> float, when given, is a known judge
+    the held-out pairs are also scored against (e.g. the demo task's)."""
+    stage = "reward"
+    progress_keys = ("loss", "acc")
+
+    def __init__(self, model: RewardModel, train: list[dict] | str | Path, config: RewardConfig | None = None, *,
+                 val: list[dict] | str | Path | None = None, gold_fn: Callable[[str], float] | None = None,
+                 accelerator=None, metadata=None):
+        config = config if exists(config) else RewardConfig()
+        self.pairwise = config.objective == "pairwise"
+        if config.objective == "bins" and model.num_bins != config.num_bins:
+            raise ValueError(f"objective 'bins' with num_bins {config.num_bins} needs RewardModel(..., "
+                             f"num_bins={config.num_bins}); this one has num_bins={model.num_bins}")
+        loader, keys = (load_preferences, ("chosen", "rejected")) if self.pairwise else (load_ratings, ("response",))
+        train_ex, val_ex = split_examples(as_examples(train, loader), as_examples(val, loader) if exists(val) else None,
+                                          config.val_fraction)
+        self.train_set = encode_or_fail(train_ex, keys, config.max_len, "training")
+        self.val_set = encode_or_fail(val_ex, keys, config.max_len, "held-out")
+        self.gold_labels = None  # which response the gold judge prefers, for each held-out pair
+        if exists(gold_fn) and self.pairwise:
+            self.gold_labels = torch.tensor([gold_fn(ex["chosen"]) > gold_fn(ex["rejected"]) for ex in val_ex])
+        if self.pairwise:
+            self.plots = {**self.plots, "pairwise accuracy": {"train batch": "acc", "held-out": "val_acc",
+                                                              "held-out vs gold": "val_gold_acc"}}
+        super().__init__(model, config, accelerator=accelerator, metadata=metadata)
+
+    def forward(self, items) -> tuple[Tensor, tuple]:
+        """-> loss, scores (pairwise: chosen, rejected; pairs are interleaved into one batch)"""
+        cfg, device = self.config, self.accelerator.device
+        b = {k: v.to(device) for k, v in collate([e for pair in items for e in pair]).items()}
+        out = self.model(b["tokens"], b["mask"], b["response_mask"])
+        if self.pairwise:
+            chosen, rejected = out[0::2], out[1::2]
+            return bradley_terry_loss(chosen, rejected, cfg.margin), (chosen, rejected)
+        target = torch.tensor([e[0].rating for e in items], device=device)
+        if cfg.objective == "bins":
+            return rating_bins_loss(out, target.round().clamp(0, cfg.num_bins - 1)), (out,)
+        return regression_loss(out, target), (out,)
+
+    def loss(self, step: int, micro: int):
+        g = step_generator(self.config.seed, step, micro, self.accelerator.process_index)
+        loss, scores = self.forward(draw(self.train_set, self.config.batch_size, g))
+        return loss, ({"acc": pairwise_accuracy(*scores)} if self.pairwise else {})
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        losses, chosen, rejected = [], [], []
+        for chunk in chunks(self.val_set, self.config.batch_size):
+            loss, scores = self.forward(chunk)
+            losses.append(loss.item() * len(chunk))
+            if self.pairwise:
+                chosen.append(scores[0].float().cpu())
+                rejected.append(scores[1].float().cpu())
+        self.model.train()
+        out = {"val_loss": sum(losses) / len(self.val_set)}
+        if self.pairwise:
+            c, r = torch.cat(chosen), torch.cat(rejected)
+            out["val_acc"] = pairwise_accuracy(c, r)
+            if exists(self.gold_labels):
+                out["val_gold_acc"] = ((c > r) == self.gold_labels).float().mean().item()
+        return out
+
+    def on_train_end(self, summary: dict) -> None:
+        if exists(self.gold_labels):
+            summary["gold_label_agreement"] = self.gold_labels.float().mean().item()
+
+    def summary_lines(self, summary: dict) -> list[str]:
+        lines = [f"held-out loss {summary.get('val_loss', float('nan')):.4f}"]
+        if self.pairwise:
+            lines.append(f"held-out pairwise accuracy vs the labels: {summary.get('val_acc', float('nan')):.1%}")
+        if "gold_label_agreement" in summary:
+            lines.append(f"held-out accuracy vs the gold judge: {summary['val_gold_acc']:.1%} (the gold judge "
+                         f"itself agrees with the noisy labels on {summary['gold_label_agreement']:.1%}: the ceiling)")
+        return lines

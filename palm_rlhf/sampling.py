@@ -9,6 +9,7 @@ what PPO's importance ratio needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -150,10 +151,12 @@ def decode_one_token(model, token: Tensor, real: Tensor, cache: KVCache) -> Tens
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_token: int | None = None, pad_token: int = 0,
-             generator: torch.Generator | None = None, use_cache: bool = True, cache_dtype=None) -> Generation:
+             generator: torch.Generator | None = None, use_cache: bool = True, cache_dtype=None,
+             on_token: Callable[[Tensor, Tensor], None] | None = None) -> Generation:
     """Sample up to `max_new_tokens` for every prompt (a list of 1-D tensors, or a (b, n) tensor of equal length).
 
     use_cache=False re-runs the whole sequence every step (the slow reference path; same outputs).
+    on_token(tokens (b,), real (b,)): called after each step, e.g. to stream text (it costs a host sync per step).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -192,6 +195,8 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 1.0, t
         tokens[:, t] = torch.where(real, token, pad_token)
         mask[:, t] = real
         logprobs[:, t] = torch.where(real, logprob, 0.0)
+        if exists(on_token):
+            on_token(tokens[:, t], real)
         if exists(eos_token):
             finished = finished | (token == eos_token)
             if t % 8 == 7 and bool(finished.all()):  # a host sync, so only every 8 steps
