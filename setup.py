@@ -8,7 +8,9 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["palm_rlhf", "palm_rlhf.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.5", "einops>=0.7", "beartype>=0.18", "accelerate>=0.30", "tqdm>=4.60"],
+    install_requires=["torch>=2.5", "einops>=0.7", "beartype>=0.18", "accelerate>=0.30", "tqdm>=4.60",
+                      "safetensors>=0.4"],
+    entry_points={"console_scripts": ["palm-rlhf = palm_rlhf.cli:run"]},
     extras_require={
         "triton": ["triton>=3.2"],
         "plot": ["matplotlib>=3.7"],

@@ -14,20 +14,16 @@ forward 2 matmuls x 2*b*h*n*n*d / 2; backward 2.5x forward.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, print_table, save_json, timeit  # noqa: E402
+from common import machine, print_table, save_json, timeit
 
-import palm_rlhf.attention as attention  # noqa: E402
-from palm_rlhf.attention import reference_attention, triton_available  # noqa: E402
-from palm_rlhf.palm import PaLM, PaLMConfig, apply_rotary, next_token_loss  # noqa: E402
+import palm_rlhf.attention as attention
+from palm_rlhf.attention import reference_attention, triton_available
+from palm_rlhf.palm import PaLM, PaLMConfig, apply_rotary, next_token_loss
 
 
 def providers(device):

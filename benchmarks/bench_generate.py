@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, print_table, save_json  # noqa: E402
+from common import machine, print_table, save_json
 
-from palm_rlhf import PaLM, PaLMConfig, generate  # noqa: E402
+from palm_rlhf import PaLM, PaLMConfig, generate
 
 
 def time_generate(model, batch, prompt_len, new, use_cache, reps):

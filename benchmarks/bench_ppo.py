@@ -20,30 +20,22 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, peak_rss_mb, print_table, save_json  # noqa: E402
+from common import machine, peak_rss_mb, print_table, save_json
 
 SIZE = dict(dim=256, depth=4, heads=4, dim_head=64)
 
 
 def run_ours(iterations: int, epochs: int, minibatch: int) -> dict:
-    from palm_rlhf import PaLM, PaLMConfig
-    from palm_rlhf.ppo import ActorCritic, PPOConfig, PPOTrainer
-    from palm_rlhf.reward import RewardModel
-    from palm_rlhf.training import make_accelerator
+    from palm_rlhf import ActorCritic, LoRAConfig, PaLM, PaLMConfig, PPOConfig, PPOTrainer, RewardModel
     torch.manual_seed(0)
     config = PaLMConfig(**SIZE, max_seq_len=1024)
-    rm = RewardModel(PaLM(config), lora_r=8)
-    trainer = PPOTrainer(ActorCritic(PaLM(config), lora_r=8), rm,
-                         PPOConfig(prompts_per_iter=16, max_new_tokens=64, ppo_epochs=epochs, minibatch_size=minibatch),
-                         accelerator=make_accelerator(cpu=True), lr=1e-4)
+    rm = RewardModel(PaLM(config), lora=LoRAConfig(r=8))
+    trainer = PPOTrainer(ActorCritic(PaLM(config), lora=LoRAConfig(r=8)), rm, config=PPOConfig(
+        prompts_per_iter=16, max_new_tokens=64, ppo_epochs=epochs, minibatch_size=minibatch, lr=1e-4, cpu=True))
     prompts = lambda i: [torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(i * 100 + j))  # noqa
                          for j in range(16)]
     trainer.step(prompts(0))  # warm-up

@@ -6,18 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, peak_rss_mb, print_table, save_json  # noqa: E402
+from common import machine, peak_rss_mb, print_table, save_json
 
-from palm_rlhf import PaLM, PaLMConfig, next_token_loss  # noqa: E402
+from palm_rlhf import PaLM, PaLMConfig, next_token_loss
 
 
 def main():

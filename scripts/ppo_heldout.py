@@ -6,34 +6,23 @@ Every checkpoint is scored on the same prompts (32-byte windows of the corpus it
 runs of different seeds compare like for like. Printed: the gold score of the corpus's own continuations of those
 prompts (what real text scores), of the reference policy, of each PPO policy, each run's gain in standard deviations
 of the reference's scores with its standard error over prompts, and the gold score that a one-sd gain needs.
-The runs must share their initial model and reward model (one reference row).
+The runs must share their initial model, reward model, corpus and prompt length (one reference row): each
+checkpoint names them (the inputs of the `train.py ppo` command that wrote it); --reward and --data override.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from dataclasses import fields
-from pathlib import Path
+import dataclasses
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from palm_rlhf.data import decode_bytes, load_corpus  # noqa: E402
-from palm_rlhf.demo import gold_score, gold_scores, prompt_windows  # noqa: E402
-from palm_rlhf.ppo import ActorCritic, PPOConfig, PPOTrainer  # noqa: E402
-from palm_rlhf.reward import load_reward_model  # noqa: E402
-from palm_rlhf.training import load_checkpoint, load_model, make_accelerator  # noqa: E402
-from train import gold_gain  # noqa: E402
-
-
-def trainer_for(state: dict, reward_model, accelerator) -> PPOTrainer:
-    args, extra = state["args"], state["extra"]
-    actor_critic = ActorCritic(load_model(args["init"]), lora_r=extra["lora_r"], lora_alpha=extra["lora_alpha"])
-    actor_critic.load_state_dict(state["model"])
-    cfg = PPOConfig(**{f.name: args[f.name] for f in fields(PPOConfig) if f.name in args})
-    return PPOTrainer(actor_critic, reward_model, cfg, accelerator=accelerator, gold_fn=gold_scores)
+from palm_rlhf import ActorCritic, PPOConfig, PPOTrainer, RewardModel, load_corpus
+from palm_rlhf.checkpoint import read_training_state
+from palm_rlhf.data import decode_bytes, prompt_windows
+from palm_rlhf.demo import gold_score
+from palm_rlhf.rollout import score_gain
+from palm_rlhf.training import make_accelerator
 
 
 def row(name: str, r: dict, gain: tuple[float, float] | None = None) -> str:
@@ -48,30 +37,36 @@ def main(argv=None) -> list[dict]:
     p.add_argument("checkpoints", nargs="+", help="PPO checkpoints (last.pt) of the demo task")
     p.add_argument("--prompts", type=int, default=512, help="held-out prompts")
     p.add_argument("--seed", type=int, default=20_000, help="draws the prompt windows (training used 10000+seed "
-                   "for its own held-out set and the iteration seeds for rollouts)")
+                   "for its own held-out set and the step seeds for rollouts)")
+    p.add_argument("--reward", default=None, help="reward model (default: the one each run used)")
+    p.add_argument("--data", default=None, help="corpus of the prompts (default: the one each run used)")
     args = p.parse_args(argv)
-    states = [load_checkpoint(c, stage="ppo") for c in args.checkpoints]
-    shared = {(s["args"]["init"], s["args"]["reward"], s["args"]["data"], s["args"]["prompt_len"]) for s in states}
+    states = [read_training_state(c, stage="ppo") for c in args.checkpoints]
+    runs = [s["metadata"] for s in states]
+    shared = {(r["init"], args.reward or r["reward"], args.data or r["data"], r["prompt_len"]) for r in runs}
     if len(shared) != 1:
         raise SystemExit(f"the checkpoints must share --init, --reward, --data and --prompt-len (one reference "
                          f"row); got {sorted(shared)}")
     init, reward, data, prompt_len = shared.pop()
-    reward_model, accelerator = load_reward_model(reward), make_accelerator()
-    corpus = load_corpus(data)
-    windows = prompt_windows(corpus, args.prompts, prompt_len + states[0]["args"]["max_new_tokens"], args.seed)
+    reward_model, accelerator = RewardModel.load(reward), make_accelerator()
+    new_tokens = states[0]["trainer_config"]["max_new_tokens"]
+    windows = prompt_windows(load_corpus(data), args.prompts, prompt_len + new_tokens, args.seed)
     prompts = [w[:prompt_len] for w in windows]
     real = torch.tensor([gold_score(decode_bytes(w[prompt_len:].tolist())) for w in windows])
     rows = [{"name": "the corpus's own continuations", "gold_score": real.mean().item(),
              "gold_score_std": real.std().item()}]
     reference = None
     for path, state in zip(args.checkpoints, states):
-        trainer = trainer_for(state, reward_model, accelerator)
+        settings = {f.name: state["trainer_config"][f.name] for f in dataclasses.fields(PPOConfig)}
+        config = PPOConfig(**{**settings, "seed": 0})  # every run samples its evaluation with the same seed
+        trainer = PPOTrainer(ActorCritic.load(path), reward_model, config=config, gold_fn=gold_score,
+                             accelerator=accelerator)
         if reference is None:
-            reference = trainer.evaluate(prompts, actor=False)
+            reference = trainer.evaluate_policy(prompts, actor=False)
             rows.append({"name": f"reference policy ({init})", **reference})
-        after = trainer.evaluate(prompts, actor=True)
-        rows.append({"name": f"PPO {path} (seed {state['args']['seed']})", **after,
-                     "gain": gold_gain(reference, after)})
+        after = trainer.evaluate_policy(prompts, actor=True)
+        rows.append({"name": f"PPO {path} (seed {state['trainer_config']['seed']})", **after,
+                     "gain": score_gain(reference, after)})
     print(f"\n{args.prompts} held-out prompts (windows drawn with seed {args.seed}); gold score mean ± sd over prompts")
     print("| policy | reward-model score | gold score | KL to reference | gain (sd ± s.e.) |\n|---|---|---|---|---|")
     for r in rows:

@@ -4,7 +4,7 @@
 #   -> reward model (LoRA) -> PPO (LoRA actor + critic, KL to the frozen reference) -> before/after table.
 # Usage: bash scripts/rlhf_demo.sh            (DATA=..., OUT=..., PRETRAINED=... to override)
 set -euo pipefail
-DATA=${DATA:-../shared/data/enwik6.gz}
+DATA=${DATA:-enwik6}      # the first 1 MB of enwik8 (fetched into data/ and checked on first use), or a file
 OUT=${OUT:-checkpoints/demo}
 PRETRAINED=${PRETRAINED:-checkpoints/pretrain/last.pt}
 start=$(date +%s)
@@ -21,8 +21,8 @@ python train.py reward --init "$PRETRAINED" --train "$OUT/data/train.jsonl" --va
   --max-len 96 --lora-r 16 --steps ${RM_STEPS:-250} --batch-size 16 --lr 1e-3 --eval-interval 50 \
   --checkpoint-dir "$OUT/reward" --quiet
 echo "== PPO"
-python train.py ppo --init "$PRETRAINED" --reward "$OUT/reward/last.pt" --data "$DATA" --gold --prompt-len 32 \
-  --max-new-tokens 64 --prompts-per-iter 16 --minibatch-size 8 --ppo-epochs 4 --iterations ${PPO_ITERS:-40} \
+python train.py ppo --init "$PRETRAINED" --reward "$OUT/reward/model" --data "$DATA" --gold --prompt-len 32 \
+  --max-new-tokens 64 --prompts-per-iter 16 --minibatch-size 8 --ppo-epochs 4 --steps ${PPO_STEPS:-40} \
   --lr 5e-4 --kl-coef 0.2 --kl-horizon 160 --target-kl 6 --eval-prompts 256 --best-of 8 --critic-from-reward \
   --checkpoint-dir "$OUT/ppo" --quiet
 echo "== done in $(( $(date +%s) - start )) s; table above, curves in $OUT/ppo/ppo.png and $OUT/reward/reward.png"
