@@ -25,22 +25,20 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slower end-to-end tests (still run in CI)")
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU)")
 
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # train.py lives at the repo root
 ENWIK6 = ROOT.parent / "shared" / "data" / "enwik6.gz"
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    """A real-text corpus: enwik6 when it is beside the repo, else a generated English-like file."""
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A real-text corpus: enwik6 when it is beside the repo, else a generated English-like file (a fresh clone)."""
     if ENWIK6.is_file():
         return ENWIK6
     words = "the of and to in is was for on that with as by at from his her an which are this be".split()
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, len(words), (40000,), generator=gen).tolist()
-    path = tmp_path / "corpus.txt"
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(" ".join(words[i] for i in idx))
     return path

@@ -46,17 +46,17 @@ def test_two_process_ddp_keeps_replicas_identical(text_file, tmp_path):
 @pytest.mark.slow
 def test_two_process_ppo(text_file, tmp_path):
     """PPO under DDP: each rank rolls out its own prompts; the adapters stay identical across ranks."""
-    import train
+    from palm_rlhf import cli
     common = ["--data", str(text_file), "--quiet"]
-    train.main(["pretrain", "--preset", "test", "--steps", "4", "--seq-len", "32", "--batch-size", "4",
+    cli.main(["pretrain", "--preset", "test", "--steps", "4", "--seq-len", "32", "--batch-size", "4",
                 "--eval-interval", "4", "--eval-batches", "1", "--sample-interval", "0",
                 "--checkpoint-dir", str(tmp_path / "base"), *common])
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps({"prompt": "p", "chosen": "eee", "rejected": "xyz"}) for _ in range(20)))
-    train.main(["reward", "--init", str(tmp_path / "base" / "last.pt"), "--train", str(pairs), "--steps", "2",
+    cli.main(["reward", "--init", str(tmp_path / "base" / "last.pt"), "--train", str(pairs), "--steps", "2",
                 "--max-len", "16", "--checkpoint-dir", str(tmp_path / "rm"), "--quiet"])
     result = torchrun(["ppo", "--init", str(tmp_path / "base" / "last.pt"), "--reward", str(tmp_path / "rm" / "last.pt"),
-                       "--iterations", "2", "--prompt-len", "8", "--prompts-per-iter", "4", "--minibatch-size", "2",
+                       "--steps", "2", "--prompt-len", "8", "--prompts-per-iter", "4", "--minibatch-size", "2",
                        "--max-new-tokens", "8", "--ppo-epochs", "2", "--eval-prompts", "4", "--best-of", "0",
                        "--checkpoint-dir", str(tmp_path / "ppo"), *common], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

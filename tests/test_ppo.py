@@ -6,10 +6,9 @@ import math
 import pytest
 import torch
 
-import train
-from palm_rlhf.ppo import (ActorCritic, AdaptiveKLController, PPOConfig, PPOTrainer, gae, policy_loss,
-                           value_loss)
-from palm_rlhf.training import load_model, make_accelerator
+from palm_rlhf import ActorCritic, ConfigError, LoRAConfig, PaLM, PPOConfig, PPOTrainer, cli
+from palm_rlhf.ppo import AdaptiveKLController, gae, policy_loss, value_loss
+from palm_rlhf.rollout import score_gain
 from palm_rlhf.utils import masked_whiten
 
 TARGET_BYTE = ord("e")
@@ -22,14 +21,10 @@ def count_reward(tokens, mask, response_mask):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, text_file):
     """The 'test' PaLM after 40 pretraining steps on real text: it writes 'e' about 7% of the time."""
-    from conftest import ENWIK6
     d = tmp_path_factory.mktemp("toy")
-    data = ENWIK6 if ENWIK6.is_file() else d / "corpus.txt"
-    if not ENWIK6.is_file():
-        data.write_text("the quick brown fox jumps over the lazy dog. " * 2000)
-    train.main(["pretrain", "--preset", "test", "--data", str(data), "--steps", "40", "--seq-len", "64",
+    cli.main(["pretrain", "--preset", "test", "--data", str(text_file), "--steps", "40", "--seq-len", "64",
                 "--batch-size", "8", "--lr", "1e-2", "--eval-interval", "40", "--eval-batches", "1",
                 "--sample-interval", "0", "--checkpoint-dir", str(d), "--quiet"])
     return d / "last.pt"
@@ -37,9 +32,9 @@ def base(tmp_path_factory):
 
 def make_trainer(base, lora_r=8, lr=1e-2, **cfg):
     torch.manual_seed(0)
-    defaults = dict(prompts_per_iter=8, minibatch_size=4, max_new_tokens=12, ppo_epochs=2)
-    return PPOTrainer(ActorCritic(load_model(base), lora_r=lora_r), count_reward, PPOConfig(**{**defaults, **cfg}),
-                      accelerator=make_accelerator(), lr=lr, seed=0)
+    defaults = dict(prompts_per_iter=8, minibatch_size=4, max_new_tokens=12, ppo_epochs=2, lr=lr, seed=0)
+    return PPOTrainer(ActorCritic(PaLM.load(base), lora=LoRAConfig(r=lora_r)), count_reward,
+                      config=PPOConfig(**{**defaults, **cfg}))
 
 
 def prompts(n=8, seed=0):
@@ -91,17 +86,18 @@ def test_policy_and_value_losses_by_hand():
 def test_adaptive_kl_controller():
     ctl = AdaptiveKLController(0.1, target=6.0, horizon=100)
     ctl.update(12.0, n=10)                               # error clipped to +0.2
-    assert ctl.beta == pytest.approx(0.1 * 1.02)
+    assert ctl.kl_coef == pytest.approx(0.1 * 1.02)
     fixed = AdaptiveKLController(0.1, 6.0, 100, adaptive=False)
     fixed.update(12.0, 10)
-    assert fixed.beta == 0.1
+    assert fixed.kl_coef == 0.1
 
 
 def test_kl_is_zero_and_first_ratio_exactly_one(base):
     trainer = make_trainer(base)
     memory = trainer.rollout(prompts())
     assert memory.kl.abs().max() == 0                    # fresh LoRA (B = 0): actor == reference
-    torch.testing.assert_close(memory.logprobs[memory.mask], memory.sampler_logprobs[memory.mask], atol=1e-5,
+    m = memory.action_mask
+    torch.testing.assert_close(memory.logprobs[m], memory.sampler_logprobs[m], atol=1e-5,
                                rtol=1e-5)                # the sampler reported the exact sampling distribution
     stats = trainer.learn(memory)
     assert stats["first_ratio_max_dev"] == 0.0
@@ -131,8 +127,8 @@ def test_memory_is_linear_in_sequence_length(base):
 
 
 @pytest.mark.parametrize("branch", [
-    dict(lora_r=0), dict(max_grad_norm=None), dict(max_grad_norm=0.0), dict(adaptive_kl=False), dict(entropy_coef=0.01),
-    dict(early_stop_kl=1e-9), dict(normalize_reward=True, reward_clip=None), dict(top_k=20, top_p=0.95),
+    dict(lora_r=0), dict(max_grad_norm=0.0), dict(adaptive_kl=False), dict(entropy_coef=0.01),
+    dict(early_stop_kl=1e-9), dict(normalize_reward=True, reward_clip=0.0), dict(temperature=0.7),
     dict(eos_token=ord(" ")),
 ])
 def test_every_branch_takes_a_real_step(base, branch):
@@ -161,25 +157,23 @@ def test_toy_task_reward_rises(base):
     trainer = make_trainer(base, lora_r=0, lr=3e-3, max_new_tokens=24, prompts_per_iter=16, minibatch_size=8,
                            ppo_epochs=4, kl_coef=0.01)
     held_out = prompts(32, seed=99)
-    start = trainer.evaluate(held_out)["rm_score"]
+    start = trainer.evaluate_policy(held_out)["rm_score"]
     for it in range(12):
         trainer.step(prompts(16, seed=it))
-    end = trainer.evaluate(held_out)
+    end = trainer.evaluate_policy(held_out)
     assert end["rm_score"] > start + 0.15 and end["rm_score"] > 3 * start, (start, end)
     assert end["kl"] > 0
 
 
 @pytest.fixture(scope="module")
-def ppo_setup(base, tmp_path_factory):
+def ppo_setup(base, tmp_path_factory, text_file):
     """The toy policy and a reward model trained on it, through the real CLI stages."""
-    from conftest import ENWIK6
     d = tmp_path_factory.mktemp("ppo")
-    data = ENWIK6 if ENWIK6.is_file() else base.parent / "corpus.txt"
     pairs = d / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps({"prompt": "p", "chosen": "eee", "rejected": "xyz"}) for _ in range(20)))
-    train.main(["reward", "--init", str(base), "--train", str(pairs), "--steps", "3", "--max-len", "16",
+    cli.main(["reward", "--init", str(base), "--train", str(pairs), "--steps", "3", "--max-len", "16",
                 "--checkpoint-dir", str(d / "rm"), "--quiet"])
-    return base, d, data
+    return base, d, text_file
 
 
 def ppo_args(base, d, data, ckpt, *extra):
@@ -190,16 +184,16 @@ def ppo_args(base, d, data, ckpt, *extra):
 
 
 def test_ppo_cli_resume_equals_uninterrupted(ppo_setup, tmp_path):
-    full = train.main(ppo_args(*ppo_setup, tmp_path / "full", "--iterations", "4", "--critic-from-reward"))
-    train.main(ppo_args(*ppo_setup, tmp_path / "cut", "--iterations", "4", "--critic-from-reward", "--stop-after", "2"))
+    full = cli.main(ppo_args(*ppo_setup, tmp_path / "full", "--steps", "4", "--critic-from-reward"))
+    cli.main(ppo_args(*ppo_setup, tmp_path / "cut", "--steps", "4", "--critic-from-reward", "--stop-after", "2"))
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # a row written after the last checkpoint, then a crash
         f.write(json.dumps({"step": 3, "rm_score": 99.0}) + "\n" + '{"step": 4, "rm_sc')
-    rest = train.main(ppo_args(*ppo_setup, tmp_path / "cut", "--iterations", "4", "--critic-from-reward",
+    rest = cli.main(ppo_args(*ppo_setup, tmp_path / "cut", "--steps", "4", "--critic-from-reward",
                                "--resume", "auto"))
-    keys = ("rm_score", "kl", "policy_loss", "value_loss", "beta")
+    keys = ("rm_score", "kl", "policy_loss", "value_loss", "kl_coef")
     first_two = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[:2]]
     assert [[r[k] for k in keys] for r in first_two + rest["history"]] == [[r[k] for k in keys] for r in full["history"]]
-    assert full["results"]["reference policy (before PPO)"] == rest["results"]["reference policy (before PPO)"]
+    assert full["results"]["reference policy (before)"] == rest["results"]["reference policy (before)"]
     rows = lambda run: [{k: r[k] for k in ("step", *keys)}  # noqa: E731
                         for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
     assert rows("cut") == rows("full") and [r["step"] for r in rows("full")] == [1, 2, 3, 4]
@@ -212,7 +206,7 @@ def test_gold_gain_and_its_paired_standard_error():
     sd = (1 / 3) ** 0.5   # sample std of [0, 1, 0, 1]; the per-prompt differences [1, 0, 1, 0] have the same
     before = {"gold_score": 0.5, "gold_score_std": sd, "gold_per_prompt": [0.0, 1.0, 0.0, 1.0]}
     after = {"gold_score": 1.0, "gold_per_prompt": [1.0, 1.0, 1.0, 1.0]}
-    gain, stderr = train.gold_gain(before, after)
+    gain, stderr = score_gain(before, after)
     assert gain == pytest.approx(0.5 / sd) and stderr == pytest.approx((sd / 4 ** 0.5) / sd)
 
 
@@ -220,16 +214,16 @@ def test_ppo_cli_with_a_prompts_file(ppo_setup, tmp_path):
     base, d, _ = ppo_setup
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"question {i}:"}) for i in range(5)))
-    out = train.main(["ppo", "--init", str(base), "--reward", str(d / "rm" / "last.pt"), "--prompts", str(prompts),
-                      "--iterations", "1", "--prompts-per-iter", "4", "--minibatch-size", "2", "--max-new-tokens", "6",
+    out = cli.main(["ppo", "--init", str(base), "--reward", str(d / "rm" / "last.pt"), "--prompts", str(prompts),
+                      "--steps", "1", "--prompts-per-iter", "4", "--minibatch-size", "2", "--max-new-tokens", "6",
                       "--ppo-epochs", "1", "--eval-prompts", "3", "--best-of", "0", "--checkpoint-dir",
                       str(tmp_path / "ppo"), "--quiet"])
-    after = out["results"]["PPO policy (after)"]
-    assert out["iterations"] == 1 and after["rm_score"] == after["rm_score"]  # ran, and scored (not NaN)
+    after = out["results"]["trained policy (after)"]
+    assert out["final_step"] == 1 and after["rm_score"] == after["rm_score"]  # ran, and scored (not NaN)
     assert len(out["history"]) == 1 and out["history"][0]["response_tokens"] > 0
     prompts.write_text(json.dumps({"question": "no prompt field"}))
     with pytest.raises(ValueError, match=r"prompts.jsonl:1: missing field 'prompt'"):
-        train.main(["ppo", "--init", str(base), "--reward", str(d / "rm" / "last.pt"), "--prompts", str(prompts),
+        cli.main(["ppo", "--init", str(base), "--reward", str(d / "rm" / "last.pt"), "--prompts", str(prompts),
                     "--checkpoint-dir", str(tmp_path / "ppo2"), "--quiet"])
 
 
@@ -239,7 +233,7 @@ def test_heldout_script_scores_finished_runs_on_one_prompt_set(ppo_setup, tmp_pa
     heldout = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(heldout)
     for seed in ("0", "1"):
-        train.main(ppo_args(*ppo_setup, tmp_path / seed, "--iterations", "1", "--seed", seed))
+        cli.main(ppo_args(*ppo_setup, tmp_path / seed, "--steps", "1", "--seed", seed))
     rows = heldout.main([str(tmp_path / s / "last.pt") for s in ("0", "1")] + ["--prompts", "6"])
     assert [r["name"].split(" ")[0] for r in rows] == ["the", "reference", "PPO", "PPO"]
     reference = rows[1]
@@ -251,7 +245,26 @@ def test_heldout_script_scores_finished_runs_on_one_prompt_set(ppo_setup, tmp_pa
 
 
 def test_ppo_cli_refuses_too_few_held_out_prompts(ppo_setup, tmp_path):
-    args = ppo_args(*ppo_setup, tmp_path / "run", "--iterations", "1")
+    args = ppo_args(*ppo_setup, tmp_path / "run", "--steps", "1")
     args[args.index("--eval-prompts") + 1] = "1"
     with pytest.raises(ValueError, match="--eval-prompts 1: .* at least 2"):
-        train.main(args)
+        cli.main(args)
+
+
+@pytest.mark.parametrize("name,value", [("top_k", 20), ("top_p", 0.95)])
+def test_top_k_and_top_p_are_refused_with_the_reason(name, value):
+    """A token sampled inside a top-k/top-p filter can fall outside it after one update (log-prob -inf, KL and
+    ratio infinite), so PPO samples from the full temperature-scaled distribution and says so."""
+    with pytest.raises(ConfigError, match=f"{name} = {value}: PPO samples from the full temperature-scaled"):
+        PPOConfig(**{name: value})
+
+
+def test_the_filtered_sampling_that_was_refused_gives_infinite_log_probs():
+    """Why: under top-k the rollout's own distribution gives a sampled token probability > 0, but the same filter at
+    slightly different logits (the weights after one update) excludes it."""
+    from palm_rlhf.sampling import process_logits
+    before = torch.tensor([[3.0, 2.0, 1.0, 0.9]])
+    after = torch.tensor([[3.0, 2.0, 0.9, 1.0]])   # a small change swaps the 3rd and 4th tokens
+    token = 2                                      # sampled inside the top-3 before the update
+    assert process_logits(before, 1.0, k=3)[0, token].isfinite()
+    assert process_logits(after, 1.0, k=3)[0, token] == float("-inf")

@@ -5,8 +5,11 @@ import json
 import pytest
 import torch
 
-import train
-from palm_rlhf.training import MetricsLog, load_checkpoint, load_model, lr_at
+import palm_rlhf
+from palm_rlhf import PaLM, cli
+from palm_rlhf.checkpoint import read_training_state
+from palm_rlhf.metrics import MetricsLog
+from palm_rlhf.training import lr_at
 from palm_rlhf.utils import atomic_torch_save
 
 
@@ -17,49 +20,52 @@ def args(text_file, ckpt, *extra):
 
 
 def test_pretrain_end_to_end_learns(text_file, tmp_path):
-    out = train.main(args(text_file, tmp_path, "--steps", "40", "--lr", "3e-3", "--sample-interval", "20",
+    out = cli.main(args(text_file, tmp_path, "--steps", "40", "--lr", "3e-3", "--sample-interval", "20",
                           "--sample-tokens", "8"))
     assert out["final_step"] == 40 and out["val_bpc"] < 6.0  # from 8 bits (uniform) toward text statistics
     assert sum(out["losses"][-5:]) / 5 < sum(out["losses"][:5]) / 5 - 0.5
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 41)) and "val_bpc" in rows[3]
     assert (tmp_path / "pretrain.png").stat().st_size > 1000
-    model = load_model(tmp_path / "last.pt")
+    model = PaLM.load(tmp_path / "last.pt")
     assert model.config.dim == 32
 
 
 def test_resume_equals_uninterrupted(text_file, tmp_path):
-    full = train.main(args(text_file, tmp_path / "full", "--steps", "8", "--grad-accum", "2"))
-    first = train.main(args(text_file, tmp_path / "cut", "--steps", "8", "--grad-accum", "2", "--stop-after", "3"))
+    full = cli.main(args(text_file, tmp_path / "full", "--steps", "8", "--grad-accum", "2"))
+    first = cli.main(args(text_file, tmp_path / "cut", "--steps", "8", "--grad-accum", "2", "--stop-after", "3"))
     assert first["final_step"] == 3
-    rest = train.main(args(text_file, tmp_path / "cut", "--steps", "8", "--grad-accum", "2", "--resume", "auto"))
+    rest = cli.main(args(text_file, tmp_path / "cut", "--steps", "8", "--grad-accum", "2", "--resume", "auto"))
     assert first["losses"] + rest["losses"] == full["losses"]  # bit-exact on CPU
-    a = load_checkpoint(tmp_path / "full" / "last.pt")
-    b = load_checkpoint(tmp_path / "cut" / "last.pt")
+    a = read_training_state(tmp_path / "full" / "last.pt", "pretrain")
+    b = read_training_state(tmp_path / "cut" / "last.pt", "pretrain")
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert a["step"] == b["step"] == 8
 
 
 def test_bad_checkpoints_give_clear_errors(text_file, tmp_path):
-    train.main(args(text_file, tmp_path, "--steps", "2"))
+    cli.main(args(text_file, tmp_path, "--steps", "2"))
     good = (tmp_path / "last.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
     with pytest.raises(RuntimeError, match="truncated, corrupt"):
-        load_checkpoint(tmp_path / "truncated.pt")
+        palm_rlhf.load(tmp_path / "truncated.pt")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(RuntimeError, match="truncated, corrupt"):
-        load_checkpoint(tmp_path / "garbage.pt")
+    with pytest.raises(RuntimeError, match="corrupt or not a PyTorch file"):
+        palm_rlhf.load(tmp_path / "garbage.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt")
+        palm_rlhf.load(tmp_path / "missing.pt")
     torch.save({"format": 1, "model": {}, "evil": Evil()}, tmp_path / "pickled.pt")
-    with pytest.raises(RuntimeError, match="objects other than tensors"):
-        load_checkpoint(tmp_path / "pickled.pt")
+    with pytest.raises(RuntimeError, match="objects other than tensors") as err:
+        palm_rlhf.load(tmp_path / "pickled.pt")
+    assert "weights_only=False" not in str(err.value)  # never advise running a foreign file's code
     torch.save({"hello": torch.zeros(1)}, tmp_path / "foreign.pt")
     with pytest.raises(RuntimeError, match="not a palm-rlhf checkpoint"):
-        load_checkpoint(tmp_path / "foreign.pt")
+        palm_rlhf.load(tmp_path / "foreign.pt")
     with pytest.raises(RuntimeError, match="'pretrain' checkpoint, but this is the 'sft' stage"):
-        load_checkpoint(tmp_path / "last.pt", stage="sft")
+        read_training_state(tmp_path / "last.pt", stage="sft")
+    with pytest.raises(ValueError, match="holds a 'palm', not a 'reward_model'"):
+        palm_rlhf.RewardModel.load(tmp_path / "last.pt")
 
 
 class Evil:
@@ -84,11 +90,11 @@ def test_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
 
 def test_cli_errors(text_file, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train.main(args(tmp_path / "nope.txt", tmp_path, "--steps", "1"))
+        cli.main(args(tmp_path / "nope.txt", tmp_path, "--steps", "1"))
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
-        train.main(args(text_file, tmp_path, "--steps", "1", "--seq-len", "4096"))
+        cli.main(args(text_file, tmp_path, "--steps", "1", "--seq-len", "4096"))
     with pytest.raises(ValueError, match="not a PaLMConfig field"):
-        train.main(args(text_file, tmp_path, "--steps", "1", "--model", "width=3"))
+        cli.main(args(text_file, tmp_path, "--steps", "1", "--model", "width=3"))
 
 
 def test_lr_schedule():
@@ -99,8 +105,8 @@ def test_lr_schedule():
 
 
 def test_model_overrides_reach_the_config(text_file, tmp_path):
-    train.main(args(text_file, tmp_path, "--steps", "1", "--model", "qk_norm=true", "depth=1"))
-    cfg = load_checkpoint(tmp_path / "last.pt")["config"]
+    cli.main(args(text_file, tmp_path, "--steps", "1", "--model", "qk_norm=true", "depth=1"))
+    cfg = PaLM.load(tmp_path / "last.pt").config.to_dict()
     assert cfg["qk_norm"] is True and cfg["depth"] == 1
 
 
