@@ -36,7 +36,7 @@ from .sft import SFTConfig, SFTTrainer
 from .training import resume_path
 from .utils import ConfigError, option, require
 
-# ---------------------------------------------------------------------------------------------------- flags from configs
+# -------------------------------------------------------------------------------------------- flags from configs
 
 
 def flag(name: str) -> str:

@@ -4,6 +4,7 @@ from the fields, so changing a default here changes the CLI with it.
 
     RunConfig      what any training run needs: length, optimiser, checkpoints, precision, guard, logging
     TrainConfig    + batches: micro-batch size, accumulation, warm-up and cosine schedule, evaluation interval
+    FeedbackConfig + prompt/response examples from JSONL (SFT, reward models): length limit, held-out share
 """
 
 from __future__ import annotations
@@ -64,3 +65,19 @@ class TrainConfig(RunConfig):
         require(self.warmup >= 0, self, "warmup", "must be >= 0")
         require(0 <= self.min_lr_ratio <= 1, self, "min_lr_ratio", "must lie in [0, 1]")
         require(self.eval_interval >= 0, self, "eval_interval", "must be >= 0")
+
+
+@dataclass
+class FeedbackConfig(TrainConfig):
+    steps: int = 300
+    lr: float = 3e-4
+    warmup: int = 20
+    eval_interval: int = 50
+    checkpoint_interval: int = 100
+    max_len: int = option(256, "prompt + response tokens; longer responses are cut, longer prompts dropped")
+    val_fraction: float = option(0.1, "held out from the training file when no held-out file is given")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.max_len >= 2, self, "max_len", "must be >= 2")
+        require(0 < self.val_fraction < 1, self, "val_fraction", "must lie strictly between 0 and 1")

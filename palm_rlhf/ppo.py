@@ -31,7 +31,8 @@ from torch import Tensor
 from .config import RunConfig
 from .metrics import save_plot
 from .policy import ActorCritic
-from .rollout import OnlineRLTrainer, Judge, entropy, judge, response_logprobs, sample, score
+from .rollout import Judge, OnlineRLTrainer, entropy, judge, response_logprobs, sample, score
+from .training import clip_gradients
 from .utils import exists, masked_mean, masked_whiten, option, require
 
 
@@ -258,7 +259,7 @@ class PPOTrainer(OnlineRLTrainer):
                       rewards, advantages, returns, scores.float(), kl, order, first_forward)
 
     def minibatch_loss(self, memory: Memory, idx: Tensor) -> tuple[Tensor, tuple, Tensor]:
-        """The PPO loss of one minibatch -> loss, (policy loss, value loss, entropy, clip fractions, approx KL), ratio."""
+        """PPO loss of one minibatch -> loss, (policy loss, value loss, entropy, clip fractions, approx KL), ratios."""
         cfg, mb, p = self.config, memory.minibatch(idx), memory.prompt_len
         with self.accelerator.autocast():
             if exists(memory.first_forward):  # computed by the rollout at these same weights
@@ -288,7 +289,8 @@ class PPOTrainer(OnlineRLTrainer):
                 loss, parts, ratio = self.minibatch_loss(memory, idx)
                 first_ratio = ratio if first_ratio is None else first_ratio
                 acc.backward(loss)
-                if self.update_is_finite(loss.item(), self.clip_gradients(cfg.max_grad_norm), self.global_step):
+                grad_norm = clip_gradients(acc, self.params, cfg.max_grad_norm)
+                if self.update_is_finite(loss.item(), grad_norm, self.global_step):
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 for k, val in zip(stats, parts):

@@ -65,7 +65,8 @@ class PretrainTrainer(GradientTrainer):
         self.seq_len = config.seq_len or min(256, model.config.max_seq_len)
         require(self.seq_len <= model.config.max_seq_len, config, "seq_len",
                 f"exceeds the model's max_seq_len {model.config.max_seq_len}: pass a shorter window")
-        self.train_data, self.val_data = (data, val_data) if exists(val_data) else split_corpus(data, config.val_fraction)
+        self.train_data, self.val_data = ((data, val_data) if exists(val_data)
+                                          else split_corpus(data, config.val_fraction))
         super().__init__(model, config, accelerator=accelerator, metadata=metadata)
 
     def loss(self, step: int, micro: int):
@@ -106,5 +107,6 @@ class PretrainTrainer(GradientTrainer):
         summary["tokens_per_s"] = round(tokens / summary["_seconds"])
 
     def summary_lines(self, summary: dict) -> list[str]:
-        return [f"{summary['tokens_per_s']:,} tokens/s; final train loss {summary.get('final_train_loss', float('nan')):.4f} "
-                f"nats; validation {summary.get('val_bpc', float('nan')):.4f} bits per char"]
+        nan = float("nan")
+        return [f"{summary['tokens_per_s']:,} tokens/s; final train loss {summary.get('final_train_loss', nan):.4f} "
+                f"nats; validation {summary.get('val_bpc', nan):.4f} bits per char"]

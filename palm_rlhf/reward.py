@@ -26,7 +26,7 @@ from beartype import beartype
 from torch import Tensor, nn
 
 from .checkpoint import Checkpointable, register
-from .config import TrainConfig
+from .config import FeedbackConfig
 from .feedback import (as_examples, chunks, collate, draw, encode_or_fail, load_preferences, load_ratings,
                        split_examples)
 from .lora import LoRAConfig, add_trainable_lora, keep_scopes, lora_parameters, use_lora
@@ -70,7 +70,8 @@ class RewardModel(Checkpointable, nn.Module):
         """What belongs to this reward model alone: its adapter and head (with LoRA), or everything (without)."""
         if not self.scope:
             return list(self.parameters())
-        return lora_parameters(self.palm, self.scope) + list(self.segment_emb.parameters()) + list(self.head.parameters())
+        head = list(self.segment_emb.parameters()) + list(self.head.parameters())
+        return lora_parameters(self.palm, self.scope) + head
 
     def config_dict(self) -> dict:
         return {"kind": self.kind, "model": self.palm.config.to_dict(),
@@ -129,26 +130,17 @@ def pairwise_accuracy(chosen: Tensor, rejected: Tensor) -> float:
 
 
 @dataclass
-class RewardConfig(TrainConfig):
-    steps: int = 300
-    lr: float = 3e-4
+class RewardConfig(FeedbackConfig):
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup: int = 20
-    eval_interval: int = 50
-    checkpoint_interval: int = 100
     checkpoint_dir: str = "checkpoints/reward"
     objective: str = option("pairwise", "pairwise: Bradley-Terry on preference pairs; bins: cross entropy over "
                             "rating bins; regression: MSE on ratings", choices=("pairwise", "bins", "regression"))
     num_bins: int = option(5, "objective bins: ratings 0..n-1 (the model gets n outputs)")
     margin: float = option(0.0, "Bradley-Terry margin")
-    max_len: int = option(256, "prompt + response tokens; longer responses are cut, longer prompts dropped")
-    val_fraction: float = option(0.1, "held out from the training file when no held-out file is given")
 
     def __post_init__(self):
         super().__post_init__()
         require(self.num_bins >= 2, self, "num_bins", "must be >= 2")
-        require(self.max_len >= 2, self, "max_len", "must be >= 2")
-        require(0 < self.val_fraction < 1, self, "val_fraction", "must lie strictly between 0 and 1")
 
 
 class RewardTrainer(GradientTrainer):

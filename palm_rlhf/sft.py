@@ -15,31 +15,19 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
+from .config import FeedbackConfig
 from .feedback import (as_examples, chunks, collate, draw, encode_or_fail, load_demonstrations,
                        split_examples)
 from .lora import LoRAConfig, add_trainable_lora, set_lora
 from .palm import PaLM, next_token_loss
 from .training import GradientTrainer, step_generator
-from .utils import bits_per_char, exists, option, require
+from .utils import bits_per_char, exists, option
 
 
 @dataclass
-class SFTConfig(TrainConfig):
-    steps: int = 300
-    lr: float = 3e-4
-    warmup: int = 20
-    eval_interval: int = 50
-    checkpoint_interval: int = 100
+class SFTConfig(FeedbackConfig):
     checkpoint_dir: str = "checkpoints/sft"
-    max_len: int = option(256, "prompt + response tokens; longer responses are cut, longer prompts dropped")
-    val_fraction: float = option(0.1, "held out from the training file when no held-out file is given")
     lora: LoRAConfig = option(LoRAConfig(), "adapters the trainer adds (r = 0: fine-tune every weight)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        require(self.max_len >= 2, self, "max_len", "must be >= 2")
-        require(0 < self.val_fraction < 1, self, "val_fraction", "must lie strictly between 0 and 1")
 
 
 class SFTTrainer(GradientTrainer):

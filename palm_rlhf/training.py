@@ -97,6 +97,48 @@ class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss or gradient; nothing was updated or saved after it."""
 
 
+class NonFiniteGuard:
+    """Checks each update before it is applied. A non-finite loss or gradient norm raises NonFiniteError ("stop"),
+    or skips that batch ("skip", which gives up after MAX_BAD_IN_A_ROW in a row). Every process decides alike."""
+
+    def __init__(self, policy: str, accelerator):
+        self.policy, self.accelerator = policy, accelerator
+        self.in_a_row = self.skipped = 0
+
+    def ok(self, loss: float, grad_norm, what: str, note: str) -> bool:
+        """True: apply the update. what: "<stage> step N" for messages; note: which checkpoint is intact."""
+        bad = not math.isfinite(loss) or (exists(grad_norm) and not math.isfinite(float(grad_norm)))
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(bad)], device=self.accelerator.device)
+            bad = self.accelerator.reduce(flag, reduction="sum").item() > 0
+        if not bad:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        what = f"{what}: loss {loss}, gradient norm {float(grad_norm) if exists(grad_norm) else '-'}"
+        if self.policy == "skip" and self.in_a_row < MAX_BAD_IN_A_ROW:
+            if self.accelerator.is_main_process:
+                tqdm.write(f"{what}: not finite, batch skipped (nothing updated)")
+            return False
+        in_a_row = f" ({self.in_a_row} batches in a row)" if self.policy == "skip" else ""
+        raise NonFiniteError(
+            f"{what}: not finite{in_a_row}, training diverged. Stopped before the update: nothing was changed or "
+            f"saved, {note}. Lower the learning rate (--lr), keep gradient clipping on (--max-grad-norm), or pass "
+            f"--on-nonfinite skip to skip such batches.")
+
+
+def clip_gradients(accelerator, params: list, max_norm: float):
+    """Clip to max_norm (0: no clipping) and return the global gradient norm, or None where it is unknown (fp16
+    loss scaling, whose scaler skips overflowing steps by itself)."""
+    if max_norm > 0:
+        norm = accelerator.clip_grad_norm_(params, max_norm)
+        return None if accelerator.scaler is not None else norm
+    if accelerator.scaler is not None:
+        return None
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
 class Trainer:
     """Runs `config.steps` steps of `training_step` with resume, checkpoints, metrics, progress and a summary."""
     stage = "run"
@@ -113,7 +155,7 @@ class Trainer:
         self.raw_model, self.model, self.optimizer, self.params = model, model, None, []
         self.metadata = dict(metadata or {})     # provenance stored in checkpoints (e.g. the CLI's input paths)
         self.global_step, self.saved_step = 0, None
-        self.bad_in_a_row, self.skipped = 0, 0
+        self.guard = NonFiniteGuard(config.on_nonfinite, self.accelerator)
         self.last_eval: dict = {}
         self.log: MetricsLog | None = None
 
@@ -222,7 +264,7 @@ class Trainer:
         if self.config.log_with:
             self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=done)
         bar.update(1)
-        bar.set_postfix({k: f"{row[k]:.3f}" for k in self.progress_keys if k in row})
+        bar.set_postfix({k: f"{row[k]:.4g}" for k in self.progress_keys if k in row})
         if done % self.config.checkpoint_interval == 0 or done == end:
             self.save_checkpoint()
 
@@ -232,7 +274,7 @@ class Trainer:
         losses = [r["loss"] for r in rows if "loss" in r]
         return {"stage": self.stage, "steps_run": end - start, "final_step": end, "seconds": round(seconds, 1),
                 **({"final_train_loss": losses[-1]} if losses else {}), **self.last_eval, "losses": losses,
-                "skipped_steps": self.skipped, "processes": acc.num_processes,
+                "skipped_steps": self.guard.skipped, "processes": acc.num_processes,
                 "distributed_type": str(acc.distributed_type),
                 "replica_fingerprints": replica_fingerprints(acc, self.model, "training"),
                 "checkpoint": str(self.checkpoint_dir / "last.pt"), "history": rows, "_seconds": seconds}
@@ -247,12 +289,13 @@ class Trainer:
             print(f"\n=== {self.stage} summary ===")
             print(f"steps {summary['final_step'] - summary['steps_run']} -> {summary['final_step']} in "
                   f"{summary['seconds']:.0f}s, {summary['processes']} process(es), {summary['distributed_type']}"
-                  + (f"; {self.skipped} non-finite batch(es) skipped" if self.skipped else ""))
+                  + (f"; {self.guard.skipped} non-finite batch(es) skipped" if self.guard.skipped else ""))
             for line in self.summary_lines(summary):
                 print(line)
             print(f"replicas in sync: True ({len(summary['replica_fingerprints'])} fingerprint(s))")
             print(f"checkpoint {summary['checkpoint']}, metrics {ckpt / 'metrics.jsonl'}"
-                  + (f", plot {plot}" if plot else "") + (f", final model {summary['model']}" if "model" in summary else ""))
+                  + (f", plot {plot}" if plot else "")
+                  + (f", final model {summary['model']}" if "model" in summary else ""))
         self.accelerator.end_training()
 
     def plot(self, path: Path) -> Path | None:
@@ -296,41 +339,8 @@ class Trainer:
             return "no checkpoint was written in this run"
         return f"the last checkpoint, {self.checkpoint_dir / 'last.pt'} (step {self.saved_step}), is intact"
 
-    # ------------------------------------------------------------------------------------------ the guard
-
     def update_is_finite(self, loss: float, grad_norm, step: int) -> bool:
-        """Before an optimizer step: True to take it. A non-finite loss or gradient norm raises NonFiniteError
-        (on_nonfinite="stop"), or returns False to skip the batch ("skip"). Every process decides alike."""
-        bad = not math.isfinite(loss) or (exists(grad_norm) and not math.isfinite(float(grad_norm)))
-        if self.accelerator.num_processes > 1:
-            flag = torch.tensor([float(bad)], device=self.accelerator.device)
-            bad = self.accelerator.reduce(flag, reduction="sum").item() > 0
-        if not bad:
-            self.bad_in_a_row = 0
-            return True
-        self.bad_in_a_row += 1
-        self.skipped += 1
-        what = f"{self.stage} step {step + 1}: loss {loss}, gradient norm {float(grad_norm) if exists(grad_norm) else '-'}"
-        if self.config.on_nonfinite == "skip" and self.bad_in_a_row < MAX_BAD_IN_A_ROW:
-            if self.is_main:
-                tqdm.write(f"{what}: not finite, batch skipped (nothing updated)")
-            return False
-        in_a_row = f" ({self.bad_in_a_row} batches in a row)" if self.config.on_nonfinite == "skip" else ""
-        raise NonFiniteError(
-            f"{what}: not finite{in_a_row}, training diverged. Stopped before the update: nothing was changed or "
-            f"saved, {self.checkpoint_note()}. Lower the learning rate (--lr), keep gradient clipping on "
-            f"(--max-grad-norm), or pass --on-nonfinite skip to skip such batches.")
-
-    def clip_gradients(self, max_norm: float):
-        """Clip to max_norm (0: no clipping) and return the global gradient norm, or None where it is unknown (fp16
-        loss scaling, whose scaler skips overflowing steps by itself)."""
-        acc = self.accelerator
-        if max_norm > 0:
-            norm = acc.clip_grad_norm_(self.params, max_norm)
-            return None if acc.scaler is not None else norm
-        if acc.scaler is not None:
-            return None
-        return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        return self.guard.ok(loss, grad_norm, f"{self.stage} step {step + 1}", self.checkpoint_note())
 
 
 class GradientTrainer(Trainer):
@@ -362,7 +372,7 @@ class GradientTrainer(Trainer):
             step_loss += loss.item() / cfg.grad_accum
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
-        ok = self.update_is_finite(step_loss, self.clip_gradients(cfg.max_grad_norm), step)
+        ok = self.update_is_finite(step_loss, clip_gradients(acc, self.params, cfg.max_grad_norm), step)
         if ok:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -115,7 +115,8 @@ def test_the_enwik6_digest_matches_the_real_file():
 def test_prompt_sampler_is_a_function_of_the_seed():
     rows = prompt_sampler(["first prompt", "second"])
     a, b = rows(5, 1), rows(5, 1)
-    assert [t.tolist() for t in a] == [t.tolist() for t in b] and {bytes(t.tolist()) for t in a} <= {b"first prompt", b"second"}
+    assert [t.tolist() for t in a] == [t.tolist() for t in b]
+    assert {bytes(t.tolist()) for t in a} <= {b"first prompt", b"second"}
     corpus = torch.arange(200, dtype=torch.uint8)
     windows = prompt_sampler(corpus, 8)(3, 0)
     assert all(len(w) == 8 and ((w[1:] - w[:-1]) == 1).all() for w in windows)

@@ -103,7 +103,8 @@ def test_objects_rebuild_from_their_files_alone(tmp_path):
         torch.testing.assert_close(policy(tokens), ac.actor_logits(tokens, mask), atol=1e-5, rtol=1e-5)
     assert not any(".lora_" in k for k in policy.state_dict())
     config, _ = read_model(tmp_path / "RewardModel")
-    assert config["kind"] == "reward_model" and config["lora"] == {"r": 4, "alpha": 8.0, "targets": ["to_fused", "attn_out"]}
+    assert config["kind"] == "reward_model"
+    assert config["lora"] == {"r": 4, "alpha": 8.0, "targets": ["to_fused", "attn_out"]}
 
 
 def test_a_reward_model_on_a_shared_trunk_saves_only_its_own_adapter(tmp_path):
