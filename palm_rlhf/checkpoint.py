@@ -153,14 +153,14 @@ def _read_safetensors(path: Path) -> tuple[dict, dict[str, Tensor]]:
 def legacy_model_config(state: dict) -> dict:
     """The model config of a format-1 checkpoint (palm-rlhf 0.1): its stage, PaLMConfig, CLI args and extras."""
     stage, args, extra = state.get("stage"), state.get("args", {}), state.get("extra", {})
+    targets = ["to_fused", "attn_out"]  # the layers 0.1 adapted, whatever the defaults are today
     palm = {"kind": "palm", "model": state["config"], "adapters": {}, "policy": {"prefix": "", "scope": None}}
     if stage == "sft" and any(".lora_A.sft" in k for k in state["model"]):  # an unmerged training state
-        lora = {"r": args["lora_r"], "alpha": args["lora_alpha"], "targets": ["to_fused", "attn_out"]}
+        lora = {"r": args["lora_r"], "alpha": args["lora_alpha"], "targets": targets}
         palm.update(adapters={"sft": lora}, policy={"prefix": "", "scope": "sft", "lora": lora})
     if stage in ("pretrain", "sft"):
         return palm
-    r = extra.get("lora_r", 0)
-    lora = {"r": r, "alpha": extra.get("lora_alpha", 16.0), "targets": ["to_fused", "attn_out"]} if r else None
+    lora = {"r": extra["lora_r"], "alpha": extra["lora_alpha"], "targets": targets} if extra.get("lora_r") else None
     if stage == "reward":
         return {"kind": "reward_model", "model": state["config"], "lora": lora, "scope": "reward",
                 "num_bins": extra.get("num_bins"), "bin_values": None, "policy": {"prefix": "palm.", "scope": None}}

@@ -245,7 +245,7 @@ def data_args(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=Formatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     sub = parser.add_subparsers(dest="stage")
     stage = lambda name, help: sub.add_parser(name, help=help, description=help, formatter_class=Formatter)  # noqa: E731
     resume = "resume from this checkpoint ('auto' = CHECKPOINT_DIR/last.pt when there)"

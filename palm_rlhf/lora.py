@@ -104,8 +104,8 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def add_lora(model: nn.Module, scope: str, r: int = 8, alpha: float = 16.0,
-             targets: tuple[str, ...] = DEFAULT_TARGETS) -> list[nn.Parameter]:
+def add_lora(model: nn.Module, scope: str, r: int = LoRAConfig.r, alpha: float = LoRAConfig.alpha,
+             targets: tuple[str, ...] = LoRAConfig.targets) -> list[nn.Parameter]:
     """Add adapter `scope` to every Linear whose attribute name is in `targets`; returns its parameters."""
     if r < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {r}")
