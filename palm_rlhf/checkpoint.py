@@ -57,9 +57,10 @@ class Checkpointable:
         return list(self.parameters())
 
     def trainable_parameters(self) -> list:
-        """What a trainer optimises: own parameters that are not frozen, in module order."""
+        """What a trainer optimises, in module order: the object's own parameters, whatever another trainer on a
+        shared base froze in the meantime (PaLM itself: the parameters that require grad)."""
         own = {id(p) for p in self.own_parameters()}
-        return [p for p in self.parameters() if p.requires_grad and id(p) in own]
+        return [p for p in self.parameters() if id(p) in own]
 
     def weights(self) -> dict[str, Tensor]:
         """What a file holds of this object (a wrapper on a shared base leaves out other wrappers' adapters)."""

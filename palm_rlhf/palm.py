@@ -258,6 +258,10 @@ class PaLM(Checkpointable, nn.Module):
         with torch.random.fork_rng(devices=[]):
             return cls.from_file(model.config_dict(), model.weights(), type(model).__name__)
 
+    def trainable_parameters(self) -> list:
+        """Every weight not frozen (an SFT adapter freezes the base: then the adapter)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

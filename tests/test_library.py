@@ -38,16 +38,19 @@ def test_readme_library_example_runs_as_written(tmp_path, monkeypatch):
     assert isinstance(palm_rlhf.load(tmp_path / "checkpoints" / "ppo" / "model"), PaLM)
 
 
-@pytest.mark.parametrize("order", ["actor-critic first", "reward model first"])
-def test_a_shared_trunk_trains_actor_and_critic_and_leaves_the_reward_model_alone(order):
+@pytest.mark.parametrize("order", ["actor-critic first", "reward model first", "reward model trained in between"])
+def test_a_shared_trunk_trains_actor_and_critic_and_leaves_the_reward_model_alone(order, tmp_path):
     """One PaLM carries the actor, the critic, the reference (adapters off) and the reward model (its own scope)."""
     palm = tiny_palm()
-    if order == "actor-critic first":
-        ac = ActorCritic(palm, lora=LoRAConfig(r=4))
+    if order == "reward model first":
         rm = RewardModel(palm, lora=LoRAConfig(r=4))
+        ac = ActorCritic(palm, lora=LoRAConfig(r=4))
     else:
-        rm = RewardModel(palm, lora=LoRAConfig(r=4))
         ac = ActorCritic(palm, lora=LoRAConfig(r=4))
+        rm = RewardModel(palm, lora=LoRAConfig(r=4))
+    if order == "reward model trained in between":  # its trainer freezes everything on the trunk but the reward model
+        RewardTrainer(rm, [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 8,
+                      RewardConfig(steps=1, batch_size=2, cpu=True, quiet=True, checkpoint_dir=str(tmp_path))).train()
     perturb(rm.head, 1)  # a reward model that says something
     base = {n: p.detach().clone() for n, p in palm.named_parameters() if ".lora_" not in n}
     rm_before = [p.detach().clone() for p in rm.own_parameters()]
