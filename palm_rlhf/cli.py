@@ -76,7 +76,7 @@ def help_of(cls, name: str) -> str:
 
 
 def config_from_args(cls, args: argparse.Namespace, prefix: str = ""):
-    """Build dataclass `cls` from the flags add_config_args made; a ConfigError names the flag."""
+    """Build dataclass `cls` from the flags add_config_args made (a ConfigError carries the flag's full name)."""
     values = {}
     for f in fields(cls):
         if not hasattr(args, prefix + f.name) and not is_dataclass(f.default):
@@ -86,7 +86,8 @@ def config_from_args(cls, args: argparse.Namespace, prefix: str = ""):
     try:
         return cls(**values)
     except ConfigError as err:
-        raise CLIError(f"{flag(prefix + err.name)} {format_value(err.value)}: {err.why}") from None
+        err.name = prefix + err.name  # lora.r -> lora_r, named as the flag --lora-r
+        raise
 
 
 def format_value(value) -> str:
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None):
     args = parse_args(argv)
     try:
         return COMMANDS[args.stage](args)
-    except ConfigError as err:  # a setting checked after the config was built (e.g. against the model's size)
+    except ConfigError as err:  # a bad setting, whether the config or a trainer (e.g. against the model) found it
         raise CLIError(f"{flag(err.name)} {format_value(err.value)}: {err.why}") from None
 
 

@@ -97,10 +97,8 @@ def dataset_file(name: str, data_dir: str | os.PathLike = "data", url: str = ENW
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, or pass a file path")
     path = Path(data_dir) / f"{name}.gz"
-    if path.is_file() and name == "enwik8":
-        return path
-    if path.is_file():  # 1 MB: cheap to check at every use
-        if sha256(read_bytes(path)) != ENWIK6_SHA256:
+    if path.is_file():
+        if name == "enwik6" and sha256(read_bytes(path)) != ENWIK6_SHA256:  # 1 MB: cheap to check at every use
             raise RuntimeError(f"{path} is not enwik6 (its sha256 is not {ENWIK6_SHA256}); delete it and it is made "
                                f"again from enwik8")
         return path
@@ -162,6 +160,11 @@ def prompt_windows(corpus: Tensor, n: int, length: int, seed: int) -> list[Tenso
     return [corpus[s:s + length].long() for s in starts]
 
 
+def draw(items: list, n: int, generator: torch.Generator) -> list:
+    """n items drawn with replacement (a seeded generator makes the draw repeatable, e.g. across a resume)."""
+    return [items[i] for i in torch.randint(len(items), (n,), generator=generator).tolist()]
+
+
 PromptSampler = Callable[[int, int], list]  # (count, seed) -> count prompts (1-D token tensors)
 
 
@@ -178,8 +181,4 @@ def prompt_sampler(source, length: int | None = None) -> PromptSampler:
     rows = [encode_text(p) if isinstance(p, str) else p for p in source]
     if not rows:
         raise ValueError("no prompts given")
-
-    def draw(count: int, seed: int) -> list[Tensor]:
-        g = torch.Generator().manual_seed(seed)
-        return [rows[i] for i in torch.randint(len(rows), (count,), generator=g).tolist()]
-    return draw
+    return lambda count, seed: draw(rows, count, torch.Generator().manual_seed(seed))

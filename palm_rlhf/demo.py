@@ -84,7 +84,6 @@ def build_demonstrations(corpus: Tensor, *, count: int, prompt_len: int = 32, re
     return [r for r in rows[:count] if r["prompt"] and r["response"]]
 
 
-
 @dataclass
 class PreferenceTaskConfig:
     pairs: int = option(3000, "training pairs to label")

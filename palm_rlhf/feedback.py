@@ -155,6 +155,15 @@ def as_examples(data, loader: Callable) -> list[dict]:
     return loader(data) if isinstance(data, (str, Path)) else list(data)
 
 
+def load_examples(train, val, loader: Callable, keys: tuple[str, ...], max_len: int, val_fraction: float):
+    """What SFT and reward modelling take in: (held-out examples, encoded training set, encoded held-out set) from
+    lists of dicts or JSONL paths; without `val`, the last `val_fraction` of `train` is held out."""
+    held_out = as_examples(val, loader) if val is not None else None
+    train_ex, val_ex = split_examples(as_examples(train, loader), held_out, val_fraction)
+    return (val_ex, encode_or_fail(train_ex, keys, max_len, "training"),
+            encode_or_fail(val_ex, keys, max_len, "held-out"))
+
+
 def split_examples(train: list, val: list | None = None, val_fraction: float = 0.1) -> tuple[list, list]:
     """(train, held-out): `val` when given, else the last `val_fraction` of `train`."""
     if val is not None:
@@ -181,7 +190,3 @@ def chunks(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
 
-
-def draw(items: list, n: int, generator: torch.Generator) -> list:
-    """n items drawn with replacement (a seeded generator makes the draw repeatable, e.g. across a resume)."""
-    return [items[i] for i in torch.randint(len(items), (n,), generator=generator).tolist()]

@@ -231,7 +231,7 @@ class PaLM(Checkpointable, nn.Module):
     def from_config_dict(cls, config: dict) -> "PaLM":
         model = cls(PaLMConfig.from_dict(config["model"]))
         for scope, lora in config.get("adapters", {}).items():
-            add_lora(model, scope, r=lora["r"], alpha=lora["alpha"], targets=tuple(lora["targets"]))
+            add_lora(model, scope, **lora)
         model.policy_scope = config.get("policy", {}).get("scope")
         return model
 
@@ -244,8 +244,7 @@ class PaLM(Checkpointable, nn.Module):
                            [scope] if scope else [])
         model = cls(PaLMConfig.from_dict(config["model"]))
         if scope:
-            lora = policy["lora"]
-            add_lora(model, scope, r=lora["r"], alpha=lora["alpha"], targets=tuple(lora["targets"]))
+            add_lora(model, scope, **policy["lora"])
         model.load_weights(mine, source)
         if scope:
             merge_lora(model, scope)

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from .checkpoint import Checkpointable, register
 from .config import FeedbackConfig
-from .feedback import (as_examples, chunks, collate, draw, encode_or_fail, load_preferences, load_ratings,
-                       split_examples)
+from .data import draw
+from .feedback import chunks, collate, load_examples, load_preferences, load_ratings
 from .lora import LoRAConfig, add_trainable_lora, keep_scopes, lora_parameters, use_lora
 from .palm import PaLM, PaLMConfig
 from .training import GradientTrainer, step_generator
@@ -59,7 +59,6 @@ class RewardModel(Checkpointable, nn.Module):
         self.head = nn.Linear(dim, num_bins or 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        self.bin_values_list = bin_values
         if exists(num_bins):
             values = bin_values if exists(bin_values) else list(range(num_bins))
             if len(values) != num_bins:
@@ -76,7 +75,8 @@ class RewardModel(Checkpointable, nn.Module):
     def config_dict(self) -> dict:
         return {"kind": self.kind, "model": self.palm.config.to_dict(),
                 "lora": self.lora.to_dict() if self.lora else None, "scope": self.scope or "reward",
-                "num_bins": self.num_bins, "bin_values": self.bin_values_list,
+                "num_bins": self.num_bins,
+                "bin_values": self.bin_values.tolist() if exists(self.num_bins) else None,
                 "policy": {"prefix": "palm.", "scope": None, "lora": None}}
 
     @classmethod
@@ -158,10 +158,8 @@ class RewardTrainer(GradientTrainer):
             raise ValueError(f"objective 'bins' with num_bins {config.num_bins} needs RewardModel(..., "
                              f"num_bins={config.num_bins}); this one has num_bins={model.num_bins}")
         loader, keys = (load_preferences, ("chosen", "rejected")) if self.pairwise else (load_ratings, ("response",))
-        train_ex, val_ex = split_examples(as_examples(train, loader), as_examples(val, loader) if exists(val) else None,
-                                          config.val_fraction)
-        self.train_set = encode_or_fail(train_ex, keys, config.max_len, "training")
-        self.val_set = encode_or_fail(val_ex, keys, config.max_len, "held-out")
+        val_ex, self.train_set, self.val_set = load_examples(train, val, loader, keys, config.max_len,
+                                                             config.val_fraction)
         self.gold_labels = None  # which response the gold judge prefers, for each held-out pair
         if exists(gold_fn) and self.pairwise:
             self.gold_labels = torch.tensor([gold_fn(ex["chosen"]) > gold_fn(ex["rejected"]) for ex in val_ex])

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from .config import FeedbackConfig
-from .feedback import (as_examples, chunks, collate, draw, encode_or_fail, load_demonstrations,
-                       split_examples)
+from .data import draw
+from .feedback import chunks, collate, load_demonstrations, load_examples
 from .lora import LoRAConfig, add_trainable_lora, set_lora
 from .palm import PaLM, next_token_loss
 from .training import GradientTrainer, step_generator
@@ -37,11 +37,8 @@ class SFTTrainer(GradientTrainer):
     def __init__(self, model: PaLM, train: list[dict] | str | Path, config: SFTConfig | None = None, *,
                  val: list[dict] | str | Path | None = None, accelerator=None, metadata=None):
         config = config if exists(config) else SFTConfig()
-        train_ex, val_ex = split_examples(as_examples(train, load_demonstrations),
-                                          as_examples(val, load_demonstrations) if exists(val) else None,
-                                          config.val_fraction)
-        self.train_set = encode_or_fail(train_ex, ("response",), config.max_len, "training")
-        self.val_set = encode_or_fail(val_ex, ("response",), config.max_len, "held-out")
+        _, self.train_set, self.val_set = load_examples(train, val, load_demonstrations, ("response",),
+                                                        config.max_len, config.val_fraction)
         if config.lora.enabled:
             add_trainable_lora(model, "sft", config.lora)
             set_lora(model, "sft")
