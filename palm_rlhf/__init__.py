@@ -7,7 +7,9 @@ from .config import RunConfig, TrainConfig
 from .data import load_corpus, prompt_sampler
 from .lora import LoRAConfig, add_lora, merge_lora, set_lora, use_lora
 from .palm import PRESETS, PaLM, PaLMConfig, next_token_loss
-from .policy import ActorCritic
+from .dpo import DPOConfig, DPOTrainer
+from .judges import JUDGES, load_judge
+from .policy import ActorCritic, Policy
 from .ppo import PPOConfig, PPOTrainer
 from .pretrain import PretrainConfig, PretrainTrainer
 from .reward import RewardConfig, RewardModel, RewardTrainer
@@ -20,4 +22,4 @@ __all__ = ["PaLM", "PaLMConfig", "PRESETS", "next_token_loss", "attend", "set_ba
            "generate", "load", "LoRAConfig", "add_lora", "merge_lora", "set_lora", "use_lora", "RewardModel",
            "ActorCritic", "RunConfig", "TrainConfig", "PretrainConfig", "PretrainTrainer", "SFTConfig", "SFTTrainer",
            "RewardConfig", "RewardTrainer", "PPOConfig", "PPOTrainer", "NonFiniteError", "ConfigError", "load_corpus",
-           "prompt_sampler"]
+           "prompt_sampler", "Policy", "DPOConfig", "DPOTrainer", "JUDGES", "load_judge"]

@@ -23,11 +23,13 @@ import torch
 
 from .checkpoint import read_model
 from .data import DATASETS, encode_text, load_corpus, prompt_sampler
-from .demo import PreferenceTaskConfig, gold_score, make_preference_files
+from .demo import PreferenceTaskConfig, make_preference_files
+from .dpo import DPOConfig, DPOTrainer
 from .feedback import load_prompts_file
+from .judges import JUDGES, judge_reward, load_judge
 from .lora import LoRAConfig
 from .palm import PRESETS, PaLM, PaLMConfig
-from .policy import ActorCritic
+from .policy import ActorCritic, Policy
 from .ppo import PPOConfig, PPOTrainer
 from .pretrain import PretrainConfig, PretrainTrainer
 from .reward import RewardConfig, RewardModel, RewardTrainer
@@ -146,27 +148,40 @@ def sft(args) -> dict:
 def reward(args) -> dict:
     cfg, lora = config_from_args(RewardConfig, args), config_from_args(LoRAConfig, args, prefix="lora_")
     torch.manual_seed(cfg.seed)  # adapter and head initialisation
-    rm = RewardModel(PaLM.load(args.init), lora=lora, num_bins=cfg.num_bins if cfg.objective == "bins" else None)
-    trainer = RewardTrainer(rm, args.train, cfg, val=args.val, gold_fn=gold_score if args.gold else None,
-                            metadata=inputs(args))
+    rm = RewardModel(PaLM.load(args.init), lora=lora, num_bins=cfg.num_bins if cfg.objective == "bins" else None,
+                     pool=cfg.pool)
+    trainer = RewardTrainer(rm, args.train, cfg, val=args.val, gold_fn=gold_judge(args), metadata=inputs(args))
     return trainer.train(resume=args.resume)
 
 
 def ppo(args) -> dict:
     cfg, lora = config_from_args(PPOConfig, args), config_from_args(LoRAConfig, args, prefix="lora_")
+    if (args.reward is None) == (args.reward_fn is None):
+        raise CLIError("give one reward: --reward RM (a reward model) or --reward-fn JUDGE (a function of the text)")
     torch.manual_seed(cfg.seed)  # adapter initialisation
     actor_critic = ActorCritic(PaLM.load(args.init), lora=lora)
-    reward_model = RewardModel.load(args.reward)
+    reward = RewardModel.load(args.reward) if args.reward else judge_reward(load_judge(args.reward_fn))
     prompts = (load_prompts_file(args.prompts) if args.prompts else
                prompt_sampler(load_corpus(args.data, data_dir=args.data_dir), args.prompt_len))
-    trainer = PPOTrainer(actor_critic, reward_model, prompts, cfg, gold_fn=gold_score if args.gold else None,
-                         metadata=inputs(args))
+    trainer = PPOTrainer(actor_critic, reward, prompts, cfg, gold_fn=gold_judge(args), metadata=inputs(args))
     return trainer.train(resume=args.resume)
+
+
+def dpo(args) -> dict:
+    cfg, lora = config_from_args(DPOConfig, args), config_from_args(LoRAConfig, args, prefix="lora_")
+    torch.manual_seed(cfg.seed)  # adapter initialisation
+    policy = Policy(PaLM.load(args.init), lora=lora)
+    trainer = DPOTrainer(policy, args.train, cfg, val=args.val, gold_fn=gold_judge(args), metadata=inputs(args))
+    return trainer.train(resume=args.resume)
+
+
+def gold_judge(args):
+    return load_judge(args.gold) if args.gold else None
 
 
 def inputs(args) -> dict:
     """The command's input paths, kept in checkpoints as provenance (e.g. scripts/ppo_heldout.py reads them)."""
-    keys = ("init", "train", "val", "reward", "prompts", "data", "prompt_len")
+    keys = ("init", "train", "val", "reward", "reward_fn", "gold", "prompts", "data", "prompt_len")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -266,27 +281,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     add_config_args(p, PreferenceTaskConfig)
 
+    gold = (f"also score against a known judge: {', '.join(JUDGES)} or module:function (a bare --gold: prose, the "
+            f"demo task's)")
     for name, help, config in (("sft", "supervised fine-tuning on demonstrations (loss on response tokens only)",
                                 SFTConfig),
                                ("reward", "reward model from preferences (Bradley-Terry), ratings (bins) or "
-                                          "regression", RewardConfig)):
+                                          "regression", RewardConfig),
+                               ("dpo", "direct preference optimisation (DPO / IPO) of a policy on preference pairs",
+                                DPOConfig)):
         p = stage(name, help)
         p.add_argument("--init", required=True, help="the model to start from (pretrain or SFT checkpoint/model)")
         p.add_argument("--train", required=True, help="JSONL file (formats: palm_rlhf/feedback.py, README)")
         p.add_argument("--val", default=None, help="held-out JSONL; default: the last --val-fraction of --train")
         p.add_argument("--resume", default=None, help=resume)
-        if name == "reward":
-            p.add_argument("--gold", action="store_true", help="also report accuracy against the demo gold judge")
+        if name != "sft":
+            p.add_argument("--gold", nargs="?", const="prose", default=None, metavar="JUDGE", help=gold)
             add_config_args(p, LoRAConfig, prefix="lora_")
         add_config_args(p, config)
 
-    p = stage("ppo", "RLHF: PPO against a frozen reward model, KL-penalised to the reference policy")
+    p = stage("ppo", "RLHF: PPO against a frozen reward model (or function), KL-penalised to the reference policy")
     p.add_argument("--init", required=True, help="the policy to start from: actor, reference and critic")
-    p.add_argument("--reward", required=True, help="reward model (train.py reward's checkpoint or model folder)")
+    p.add_argument("--reward", default=None, help="reward model (train.py reward's checkpoint or model folder)")
+    p.add_argument("--reward-fn", default=None, metavar="JUDGE",
+                   help=f"a reward function of the response text instead of a model: {', '.join(JUDGES)} or "
+                        f"module:function (text -> float)")
     p.add_argument("--prompts", default=None, help='JSONL of {"prompt": ...}; default: windows of --data')
     data_args(p)
     p.add_argument("--prompt-len", type=int, default=32, help="window length when prompts come from --data")
-    p.add_argument("--gold", action="store_true", help="report the demo task's gold judge too")
+    p.add_argument("--gold", nargs="?", const="prose", default=None, metavar="JUDGE", help=gold)
     p.add_argument("--resume", default=None, help=resume)
     add_config_args(p, LoRAConfig, prefix="lora_")
     add_config_args(p, PPOConfig)
@@ -300,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"pretrain": pretrain, "make-preferences": make_preferences, "sft": sft, "reward": reward, "ppo": ppo,
-            "sample": sample}
+            "dpo": dpo, "sample": sample}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -333,7 +355,7 @@ def run(argv: list[str] | None = None) -> None:
         print("\nstopped; nothing half-written was saved." + (
             f" Continue with: python train.py {' '.join(again)}" if trains else ""), file=sys.stderr)
         code = 130
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
     sys.stdout.flush()

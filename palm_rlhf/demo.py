@@ -1,14 +1,13 @@
-"""A checkable RLHF task: preferences labelled by a known "gold" judge, so every stage can be verified.
+"""Checkable RLHF tasks: preferences labelled by a known "gold" judge, so every stage can be verified.
 
 - prompts: windows of real text (enwik8 / enwik6);
 - responses: samples from the pretrained model;
-- gold judge: `gold_score`, a transparent preference a human labeller could plausibly hold, "prefers clean prose":
-  the share of letters and spaces in the response, minus 0.05 for every piece of wiki markup
-  ([[ ]] {{ }} | = * # < > and the entities &lt; &gt; &amp; &quot;);
+- gold judge (judges.py): `prose` ("prefers clean prose", the default) or `sentiment` (VADER: the controlled-
+  sentiment task), or any function `module:function`;
 - labels: the higher-scoring response of two is "chosen"; pairs closer than `min_gap` are skipped as ties; a
   fraction `flip` of labels is flipped at random to mimic noisy humans.
-The reward model only ever sees the labelled pairs, never this function; trainers take it as a plain callable
-(`gold_fn=gold_score`), so nothing in the training stages depends on this module.
+The reward model only ever sees the labelled pairs, never the judge; trainers take it as a plain callable
+(`gold_fn=judges.sentiment`), so nothing in the training stages depends on this module.
 """
 
 from __future__ import annotations
@@ -23,24 +22,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .data import decode_bytes, prompt_windows
+from .judges import Judge, load_judge, prose
 from .sampling import generate
 from .utils import atomic_write_text, option, require, write_jsonl
-
-MARKUP = ("[[", "]]", "{{", "}}", "&lt;", "&gt;", "&amp;", "&quot;", "|", "=", "*", "#", "<", ">")
-
-
-def gold_score(text: str) -> float:
-    """Clean-prose score of a response: share of letters and spaces minus 0.05 per markup token."""
-    if not text:
-        return 0.0
-    clean = sum(ch.isalpha() or ch == " " for ch in text) / len(text)
-    return clean - 0.05 * sum(text.count(m) for m in MARKUP)
-
 
 @torch.no_grad()
 def build_preferences(model, corpus: Tensor, *, pairs: int, prompt_len: int = 32, response_len: int = 64,
                       flip: float = 0.1, min_gap: float = 0.05, batch: int = 64, temperature: float = 1.0,
-                      seed: int = 0, quiet: bool = False) -> tuple[list[dict], dict]:
+                      seed: int = 0, quiet: bool = False, judge: Judge = prose) -> tuple[list[dict], dict]:
     """Sample two responses per prompt and label each pair with the (noisy) gold judge."""
     rng = random.Random(seed)
     device = next(model.parameters()).device
@@ -56,7 +45,7 @@ def build_preferences(model, corpus: Tensor, *, pairs: int, prompt_len: int = 32
         for i, prompt in enumerate(prompts):
             a, b = texts[2 * i], texts[2 * i + 1]
             drawn += 1
-            ga, gb = gold_score(a), gold_score(b)
+            ga, gb = judge(a), judge(b)
             if abs(ga - gb) < min_gap or not a or not b:
                 ties += 1
                 continue
@@ -75,20 +64,23 @@ def build_preferences(model, corpus: Tensor, *, pairs: int, prompt_len: int = 32
 
 
 def build_demonstrations(corpus: Tensor, *, count: int, prompt_len: int = 32, response_len: int = 64,
-                         keep_fraction: float = 0.3, seed: int = 0) -> list[dict]:
-    """Demonstrations for SFT: real continuations of corpus windows, keeping the cleanest `keep_fraction`."""
+                         keep_fraction: float = 0.3, seed: int = 0, judge: Judge = prose) -> list[dict]:
+    """Demonstrations for SFT: real continuations of corpus windows, keeping the `keep_fraction` the judge likes
+    best."""
     windows = prompt_windows(corpus, int(count / keep_fraction) + 1, prompt_len + response_len, seed + 1)
     rows = [{"prompt": decode_bytes(w[:prompt_len].tolist()), "response": decode_bytes(w[prompt_len:].tolist())}
             for w in windows]
-    rows.sort(key=lambda r: gold_score(r["response"]), reverse=True)
+    rows.sort(key=lambda r: judge(r["response"]), reverse=True)
     return [r for r in rows[:count] if r["prompt"] and r["response"]]
 
 
 @dataclass
 class PreferenceTaskConfig:
+    judge: str = option("prose", "gold judge: prose, sentiment (VADER; pip install -e \".[sentiment]\") or "
+                        "module:function (text -> float)")
     pairs: int = option(3000, "training pairs to label")
     val_pairs: int = option(400, "held-out pairs to label")
-    demos: int = option(2000, "SFT demonstrations to write (the cleanest real continuations)")
+    demos: int = option(2000, "SFT demonstrations to write (the real continuations the judge likes best)")
     prompt_len: int = option(32, "prompt bytes (windows of the corpus)")
     response_len: int = option(64, "response bytes sampled from the model")
     flip: float = option(0.1, "share of labels flipped at random (noisy labellers)")
@@ -107,14 +99,14 @@ class PreferenceTaskConfig:
 def make_preference_files(model, corpus: Tensor, out, config: PreferenceTaskConfig) -> dict:
     """The demo task's data: train.jsonl / val.jsonl preference pairs labelled by the (noisy) gold judge,
     demos.jsonl for SFT and stats.json, in folder `out`."""
-    c, out = config, Path(out)
+    c, out, judge = config, Path(out), load_judge(config.judge)
     pairs, stats = build_preferences(model, corpus, pairs=c.pairs + c.val_pairs, prompt_len=c.prompt_len,
                                      response_len=c.response_len, flip=c.flip, min_gap=c.min_gap,
-                                     batch=c.batch_size, seed=c.seed, quiet=c.quiet)
+                                     batch=c.batch_size, seed=c.seed, quiet=c.quiet, judge=judge)
     write_jsonl(pairs[:c.pairs], out / "train.jsonl")
     write_jsonl(pairs[c.pairs:], out / "val.jsonl")
     demos = build_demonstrations(corpus, count=c.demos, prompt_len=c.prompt_len, response_len=c.response_len,
-                                 seed=c.seed)
+                                 seed=c.seed, judge=judge)
     write_jsonl(demos, out / "demos.jsonl")
     stats.update(train=c.pairs, val=c.val_pairs, demos=len(demos), config=asdict(c))
     atomic_write_text(json.dumps(stats, indent=1), out / "stats.json")

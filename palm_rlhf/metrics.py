@@ -54,7 +54,11 @@ def read_jsonl_rows(path) -> list[dict]:
 
 
 def save_plot(path, panels: dict[str, dict[str, tuple[list, list]]], title: str = "") -> Path | None:
-    """One subplot per panel, one line per series; returns the path, or None when matplotlib is missing."""
+    """One subplot per panel, one line per series (panels with no data are left out); returns the path, or None
+    when matplotlib is missing or nothing has data."""
+    panels = {name: lines for name, lines in panels.items() if any(xs for xs, _ in lines.values())}
+    if not panels:
+        return None
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -15,8 +15,69 @@ from .palm import PaLM, PaLMConfig
 from .reward import RewardModel
 
 
+@register("policy")
+class Policy(Checkpointable, nn.Module):
+    """A trainable policy and its frozen reference on one PaLM: what DPO and critic-free RL train.
+
+    LoRA (the default): the policy is a LoRA scope on the base (frozen on construction), the reference is the base
+    with the adapters switched off (no second copy). Full fine-tuning (LoRAConfig(r=0)): the policy is the PaLM
+    itself, the reference a frozen copy. `PaLM.policy_of(policy)`, or `PaLM.load` of its file, gives the trained
+    policy as a plain PaLM."""
+
+    def __init__(self, palm: PaLM, *, lora: LoRAConfig = LoRAConfig(), scope: str = "policy"):
+        super().__init__()
+        self.palm = palm
+        self.lora_config = lora if lora.enabled else None
+        self.lora = lora.enabled
+        self.scope = scope
+        if self.lora:
+            add_trainable_lora(palm, scope, lora)
+        self.reference = None if self.lora else copy.deepcopy(palm).requires_grad_(False)
+
+    def config_dict(self) -> dict:
+        lora = self.lora_config.to_dict() if self.lora else None
+        return {"kind": self.kind, "model": self.palm.config.to_dict(), "lora": lora, "scope": self.scope,
+                "policy": {"prefix": "palm.", "scope": self.scope if self.lora else None, "lora": lora}}
+
+    @classmethod
+    def from_config_dict(cls, config: dict) -> "Policy":
+        lora = LoRAConfig(**config["lora"]) if config.get("lora") else LoRAConfig(r=0)
+        return cls(PaLM(PaLMConfig.from_dict(config["model"])), lora=lora, scope=config.get("scope", "policy"))
+
+    def own_parameters(self) -> list[nn.Parameter]:
+        """The policy's adapter (LoRA) or the whole PaLM; never the reference, nor another wrapper's adapter."""
+        return lora_parameters(self.palm, self.scope) if self.lora else list(self.palm.parameters())
+
+    def weights(self) -> dict[str, Tensor]:
+        return keep_scopes(self.state_dict(), [self.scope])  # not another wrapper's scope on a shared trunk
+
+    def actor_logits(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        with self.generation_context():
+            return self.palm(tokens, mask=mask)
+
+    @torch.no_grad()
+    def reference_logits(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        with use_lora(self.palm):
+            return self.palm(tokens, mask=mask) if self.lora else self.reference(tokens, mask=mask)
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        return self.actor_logits(tokens, mask)
+
+    def generation_context(self):
+        """Context in which self.palm is the policy (adapters off but the policy's; with full fine-tuning, all off)."""
+        return use_lora(self.palm, self.scope) if self.lora else use_lora(self.palm)
+
+    def sampling_model(self, policy: str = "actor"):
+        """(model, context) to sample from the trained policy ("actor") or the reference policy."""
+        if policy == "actor":
+            return self.palm, self.generation_context()
+        if policy != "reference":
+            raise ValueError(f"policy must be 'actor' or 'reference', got {policy!r}")
+        return (self.palm, use_lora(self.palm)) if self.lora else (self.reference, use_lora(self.reference))
+
+
 @register("actor_critic")
-class ActorCritic(Checkpointable, nn.Module):
+class ActorCritic(Policy):
     """Actor, critic and reference on one base PaLM.
 
     LoRA (the default): the base weights are frozen (on construction) and shared; the actor and the critic are two
@@ -28,25 +89,13 @@ class ActorCritic(Checkpointable, nn.Module):
     """
 
     def __init__(self, palm: PaLM, *, lora: LoRAConfig = LoRAConfig()):
-        super().__init__()
-        self.palm = palm
-        self.lora_config = lora if lora.enabled else None
-        self.lora = lora.enabled
+        super().__init__(palm, lora=lora, scope="actor")
         if self.lora:
-            add_trainable_lora(palm, "actor", lora)
             add_trainable_lora(palm, "critic", lora)
-            self.critic_trunk, self.reference = None, None
-        else:
-            self.critic_trunk = copy.deepcopy(palm)
-            self.reference = copy.deepcopy(palm).requires_grad_(False)
+        self.critic_trunk = None if self.lora else copy.deepcopy(palm)
         self.value_head = nn.Linear(palm.config.dim, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
-
-    def config_dict(self) -> dict:
-        lora = self.lora_config.to_dict() if self.lora else None
-        return {"kind": self.kind, "model": self.palm.config.to_dict(), "lora": lora,
-                "policy": {"prefix": "palm.", "scope": "actor" if self.lora else None, "lora": lora}}
 
     @classmethod
     def from_config_dict(cls, config: dict) -> "ActorCritic":
@@ -78,15 +127,6 @@ class ActorCritic(Checkpointable, nn.Module):
                             mine.lora_A["critic"].copy_(theirs.lora_A[rm.scope])
                             mine.lora_B["critic"].copy_(theirs.lora_B[rm.scope])
 
-    def actor_logits(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        with self.generation_context():
-            return self.palm(tokens, mask=mask)
-
-    @torch.no_grad()
-    def reference_logits(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        with use_lora(self.palm):
-            return self.palm(tokens, mask=mask) if self.lora else self.reference(tokens, mask=mask)
-
     def values(self, tokens: Tensor, mask: Tensor) -> Tensor:
         if self.lora:
             with use_lora(self.palm, "critic"):
@@ -98,14 +138,3 @@ class ActorCritic(Checkpointable, nn.Module):
     def forward(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         return self.actor_logits(tokens, mask), self.values(tokens, mask)
 
-    def generation_context(self):
-        """Context in which self.palm is the actor (adapters off but the actor's; with full fine-tuning, all off)."""
-        return use_lora(self.palm, "actor") if self.lora else use_lora(self.palm)
-
-    def sampling_model(self, policy: str = "actor"):
-        """(model, context) to sample from the actor or the reference policy."""
-        if policy == "actor":
-            return self.palm, self.generation_context()
-        if policy != "reference":
-            raise ValueError(f"policy must be 'actor' or 'reference', got {policy!r}")
-        return (self.palm, use_lora(self.palm)) if self.lora else (self.reference, use_lora(self.reference))

@@ -31,7 +31,8 @@ from torch import Tensor
 from .config import RunConfig
 from .metrics import save_plot
 from .policy import ActorCritic
-from .rollout import Judge, OnlineRLTrainer, entropy, judge, response_logprobs, sample, score
+from .judges import Judge, judge_texts
+from .rollout import OnlineRLTrainer, entropy, response_logprobs, sample, score
 from .training import clip_gradients
 from .utils import exists, masked_mean, masked_whiten, option, require
 
@@ -326,7 +327,7 @@ class PPOTrainer(OnlineRLTrainer):
                "samples_per_s": n / elapsed, "tokens_per_s": acc.reduce(m.sum().reshape(1), "sum").item() / elapsed,
                "rollout_s": t_rollout, "learn_s": elapsed - t_rollout, **stats}
         if exists(self.gold_fn):
-            out["gold_score"] = judge(self.gold_fn, memory.sequences[:, memory.prompt_len:],
+            out["gold_score"] = judge_texts(self.gold_fn, memory.sequences[:, memory.prompt_len:],
                                       memory.action_mask).mean().item()
         return out
 

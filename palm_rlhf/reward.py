@@ -6,7 +6,11 @@ https://arxiv.org/abs/2203.02155, section 3.5).
   (pass a copy if you want to keep the original).
 - A learned segment embedding tells prompt tokens (0) from response tokens (1).
 - The score is read from the final hidden state of the *last real token* of each sequence, wherever the padding is
-  (right-padded pairs, or PPO's left-padded prompt + right-padded response).
+  (right-padded pairs, or PPO's left-padded prompt + right-padded response): `pool="last"`, as InstructGPT does.
+  `pool="sum"` scores every response token and sums the scores instead: a judge that adds up what each word
+  contributes (a sentiment lexicon, say) is then a sum of local readings, which a small trunk learns far more
+  readily than one summary state at the end (measured in README, the sentiment task). DPO's implicit reward is a
+  sum over tokens too.
 - Losses: pairwise Bradley-Terry (optionally with a margin), rating bins (cross entropy), regression (MSE).
   Inference is deterministic: the scalar score, or for bins the expected rating under the bin distribution.
 
@@ -35,6 +39,9 @@ from .training import GradientTrainer, step_generator
 from .utils import exists, option, require
 
 
+POOLS = ("last", "sum")  # the score from the last real token's state, or the sum of every response token's
+
+
 def last_real_index(mask: Tensor) -> Tensor:
     """(b, n) bool -> (b,) index of the last True in each row."""
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
@@ -45,8 +52,11 @@ def last_real_index(mask: Tensor) -> Tensor:
 class RewardModel(Checkpointable, nn.Module):
     @beartype
     def __init__(self, palm: PaLM, *, lora: LoRAConfig = LoRAConfig(), scope: str = "reward",
-                 num_bins: int | None = None, bin_values: list[float] | None = None):
+                 num_bins: int | None = None, bin_values: list[float] | None = None, pool: str = "last"):
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        self.pool = pool
         self.palm = palm
         self.lora = lora if lora.enabled else None
         self.scope = scope if lora.enabled else None
@@ -75,7 +85,7 @@ class RewardModel(Checkpointable, nn.Module):
     def config_dict(self) -> dict:
         return {"kind": self.kind, "model": self.palm.config.to_dict(),
                 "lora": self.lora.to_dict() if self.lora else None, "scope": self.scope or "reward",
-                "num_bins": self.num_bins,
+                "num_bins": self.num_bins, "pool": self.pool,
                 "bin_values": self.bin_values.tolist() if exists(self.num_bins) else None,
                 "policy": {"prefix": "palm.", "scope": None, "lora": None}}
 
@@ -83,7 +93,8 @@ class RewardModel(Checkpointable, nn.Module):
     def from_config_dict(cls, config: dict) -> "RewardModel":
         lora = LoRAConfig(**config["lora"]) if config.get("lora") else LoRAConfig(r=0)
         return cls(PaLM(PaLMConfig.from_dict(config["model"])), lora=lora, scope=config.get("scope", "reward"),
-                   num_bins=config.get("num_bins"), bin_values=config.get("bin_values"))
+                   num_bins=config.get("num_bins"), bin_values=config.get("bin_values"),
+                   pool=config.get("pool", "last"))
 
     def weights(self) -> dict[str, Tensor]:
         return keep_scopes(self.state_dict(), [self.scope] if self.scope else [])  # not a shared trunk's others
@@ -97,8 +108,11 @@ class RewardModel(Checkpointable, nn.Module):
                 hidden = self.palm(tokens, mask=mask, return_hidden=True, extra_embed=segments)
         else:
             hidden = self.palm(tokens, mask=mask, return_hidden=True, extra_embed=segments)
-        last = hidden[torch.arange(tokens.shape[0], device=tokens.device), last_real_index(mask)]
-        out = self.head(last)
+        if self.pool == "sum":
+            per_token = F.linear(hidden, self.head.weight) * (mask & response_mask.bool())[..., None]
+            out = per_token.sum(dim=1) + self.head.bias
+        else:
+            out = self.head(hidden[torch.arange(tokens.shape[0], device=tokens.device), last_real_index(mask)])
         return out if exists(self.num_bins) else out.squeeze(-1)
 
     @torch.no_grad()
@@ -137,6 +151,8 @@ class RewardConfig(FeedbackConfig):
                             "rating bins; regression: MSE on ratings", choices=("pairwise", "bins", "regression"))
     num_bins: int = option(5, "objective bins: ratings 0..n-1 (the model gets n outputs)")
     margin: float = option(0.0, "Bradley-Terry margin")
+    pool: str = option("last", "reward head: the last token's state (last) or a score per response token, summed "
+                       "(sum: for judges that add up words, e.g. sentiment)", choices=POOLS)
 
     def __post_init__(self):
         super().__post_init__()
@@ -157,6 +173,9 @@ class RewardTrainer(GradientTrainer):
         if config.objective == "bins" and model.num_bins != config.num_bins:
             raise ValueError(f"objective 'bins' with num_bins {config.num_bins} needs RewardModel(..., "
                              f"num_bins={config.num_bins}); this one has num_bins={model.num_bins}")
+        if model.pool != config.pool:
+            raise ValueError(f"RewardConfig(pool={config.pool!r}) needs RewardModel(..., pool={config.pool!r}); this "
+                             f"one has pool={model.pool!r}")
         loader, keys = (load_preferences, ("chosen", "rejected")) if self.pairwise else (load_ratings, ("response",))
         val_ex, self.train_set, self.val_set = load_examples(train, val, loader, keys, config.max_len,
                                                              config.val_fraction)

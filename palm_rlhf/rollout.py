@@ -14,29 +14,25 @@ from __future__ import annotations
 import hashlib
 import math
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .data import decode_bytes, prompt_sampler
+from .data import prompt_sampler
+from .judges import Judge, RewardFn, judge_texts
 from .palm import PaLM
-from .policy import ActorCritic
+from .policy import Policy
 from .reward import RewardModel
 from .sampling import Generation, generate, process_logits
 from .training import Trainer, step_seed
 from .utils import exists, masked_mean
-
-RewardFn = Callable[[Tensor, Tensor, Tensor], Tensor]   # (tokens, mask, response_mask), each (b, n) -> (b,) scores
-Judge = Callable[[str], float]                           # a response's text -> a score (e.g. the demo's gold judge)
-
 
 def reward_function(reward_model) -> RewardFn:
     """A RewardModel's deterministic score, or any function (tokens, mask, response_mask) -> (b,) scores."""
     return reward_model.score if isinstance(reward_model, RewardModel) else reward_model
 
 
-def freeze_reward_model(reward_model, actor_critic: ActorCritic, device) -> RewardFn:
+def freeze_reward_model(reward_model, actor_critic: Policy, device) -> RewardFn:
     """Freeze what belongs to the reward model alone and return its reward function.
 
     The reward model may share its PaLM with the actor-critic when both are LoRA scopes on it (one base, four roles,
@@ -72,7 +68,7 @@ def entropy(logp: Tensor, mask: Tensor) -> Tensor:
     return masked_mean(-(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1), mask)
 
 
-def sample(ac: ActorCritic, prompts: list[Tensor], cfg, generator: torch.Generator, *, policy: str = "actor",
+def sample(ac: Policy, prompts: list[Tensor], cfg, generator: torch.Generator, *, policy: str = "actor",
            n: int = 1, device=None) -> Generation:
     """`n` responses per prompt from the actor or the reference policy. cfg: max_new_tokens, temperature, eos_token
     (a PPOConfig). The sampler's own generator is seeded from `generator`, so the draw is repeatable."""
@@ -94,22 +90,24 @@ def score(reward_fn: RewardFn, gen: Generation) -> tuple[Tensor, Tensor, Tensor]
     return reward_fn(seq, mask, response_mask), seq, mask
 
 
-def judge(judge_fn: Judge, tokens: Tensor, mask: Tensor) -> Tensor:
-    """judge_fn applied to the text (bytes) of each row's real tokens -> (b,) float tensor."""
-    return torch.tensor([judge_fn(decode_bytes(t[m].tolist())) for t, m in zip(tokens.cpu(), mask.cpu())])
-
-
 @torch.no_grad()
-def evaluate_policy(ac: ActorCritic, reward_fn: RewardFn, prompts: list[Tensor], cfg, generator: torch.Generator, *,
-                    actor: bool = True, best_of: int = 1, gold_fn: Judge | None = None, autocast=None) -> dict:
+def evaluate_policy(ac: Policy, reward_fn: RewardFn | None, prompts: list[Tensor], cfg, generator: torch.Generator,
+                    *, actor: bool = True, best_of: int = 1, gold_fn: Judge | None = None, autocast=None) -> dict:
     """Mean reward score (and gold score) of samples from the actor or the reference policy, and the actor's KL to
-    the reference; best_of > 1: that many samples per prompt, keeping the one the reward function likes best."""
+    the reference; best_of > 1: that many samples per prompt, keeping the one the reward function likes best.
+    Without a reward function (DPO) only the gold score and the KL are reported."""
+    if best_of > 1 and reward_fn is None:
+        raise ValueError("best-of-N needs a reward function to pick with")
     gen = sample(ac, prompts, cfg, generator, policy="actor" if actor else "reference", n=best_of)
-    scores, seq, seq_mask = score(reward_fn, gen)
-    pick = scores.view(len(prompts), best_of).argmax(dim=1) + torch.arange(len(prompts), device=seq.device) * best_of
-    out = {"rm_score": scores[pick].mean().item(), "rm_score_std": scores[pick].std().item() if len(pick) > 1 else 0.0}
+    seq, seq_mask = gen.sequences()
+    out, pick = {}, torch.arange(len(prompts), device=seq.device)
+    if exists(reward_fn):
+        scores = score(reward_fn, gen)[0]
+        pick = scores.view(len(prompts), best_of).argmax(dim=1) + pick * best_of
+        out.update(rm_score=scores[pick].mean().item(),
+                   rm_score_std=scores[pick].std().item() if len(pick) > 1 else 0.0)
     if exists(gold_fn):
-        gold = judge(gold_fn, gen.tokens[pick], gen.mask[pick])
+        gold = judge_texts(gold_fn, gen.tokens[pick], gen.mask[pick])
         out.update(gold_score=gold.mean().item(), gold_score_std=gold.std().item() if len(pick) > 1 else 0.0,
                    gold_per_prompt=gold.tolist())
     if best_of > 1:
@@ -144,7 +142,7 @@ class OnlineRLTrainer(Trainer):
     summary_file = "eval.json"
     summary_excludes = ()
 
-    def __init__(self, actor_critic: ActorCritic, reward_model, prompts, config, *, gold_fn: Judge | None = None,
+    def __init__(self, actor_critic: Policy, reward_model, prompts, config, *, gold_fn: Judge | None = None,
                  accelerator=None, metadata=None):
         super().__init__(actor_critic, config, accelerator=accelerator, metadata=metadata)
         self.reward_fn = freeze_reward_model(reward_model, actor_critic, self.accelerator.device)

@@ -20,7 +20,7 @@ import torch
 from palm_rlhf import ActorCritic, PPOConfig, PPOTrainer, RewardModel, load_corpus
 from palm_rlhf.checkpoint import read_training_state
 from palm_rlhf.data import decode_bytes, prompt_windows
-from palm_rlhf.demo import gold_score
+from palm_rlhf.judges import prose
 from palm_rlhf.rollout import score_gain
 from palm_rlhf.training import make_accelerator
 
@@ -52,14 +52,14 @@ def main(argv=None) -> list[dict]:
     new_tokens = states[0]["trainer_config"]["max_new_tokens"]
     windows = prompt_windows(load_corpus(data), args.prompts, prompt_len + new_tokens, args.seed)
     prompts = [w[:prompt_len] for w in windows]
-    real = torch.tensor([gold_score(decode_bytes(w[prompt_len:].tolist())) for w in windows])
+    real = torch.tensor([prose(decode_bytes(w[prompt_len:].tolist())) for w in windows])
     rows = [{"name": "the corpus's own continuations", "gold_score": real.mean().item(),
              "gold_score_std": real.std().item()}]
     reference = None
     for path, state in zip(args.checkpoints, states):
         settings = {f.name: state["trainer_config"][f.name] for f in dataclasses.fields(PPOConfig)}
         config = PPOConfig(**{**settings, "seed": 0})  # every run samples its evaluation with the same seed
-        trainer = PPOTrainer(ActorCritic.load(path), reward_model, config=config, gold_fn=gold_score,
+        trainer = PPOTrainer(ActorCritic.load(path), reward_model, config=config, gold_fn=prose,
                              accelerator=accelerator)
         if reference is None:
             reference = trainer.evaluate_policy(prompts, actor=False)

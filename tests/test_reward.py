@@ -8,7 +8,7 @@ import torch
 
 from palm_rlhf import LoRAConfig, PaLM, PaLMConfig, RewardModel, cli
 from palm_rlhf.checkpoint import read_training_state
-from palm_rlhf.demo import gold_score
+from palm_rlhf.judges import prose
 from palm_rlhf.feedback import collate, encode
 from palm_rlhf.reward import bradley_terry_loss, last_real_index
 
@@ -35,9 +35,10 @@ def test_last_real_index():
     assert last_real_index(mask).tolist() == [1, 3, 2]
 
 
-def test_scores_are_padding_invariant_and_deterministic():
+@pytest.mark.parametrize("pool", ["last", "sum"])
+def test_scores_are_padding_invariant_and_deterministic(pool):
     torch.manual_seed(0)
-    rm = RewardModel(PaLM(PaLMConfig.preset("test")), lora=LoRAConfig(r=4))
+    rm = RewardModel(PaLM(PaLMConfig.preset("test")), lora=LoRAConfig(r=4), pool=pool)
     torch.nn.init.normal_(rm.head.weight)  # a non-trivial head
     torch.nn.init.normal_(rm.segment_emb.weight)
     items = [encode("prompt", "a response", 64), encode("p", "x", 64), encode("a long prompt here", "yes", 64)]
@@ -54,6 +55,27 @@ def test_scores_are_padding_invariant_and_deterministic():
     pad = torch.zeros(1, 3, dtype=torch.long)
     left = rm.score(torch.cat((pad, t), 1), torch.cat((pad.bool(), m), 1), torch.cat((pad.bool(), r), 1))
     torch.testing.assert_close(left, together[1:2], atol=1e-5, rtol=1e-5)
+
+
+def test_summed_head_is_the_sum_of_per_token_scores_over_the_response(tmp_path):
+    torch.manual_seed(0)
+    rm = RewardModel(PaLM(PaLMConfig.preset("test")), lora=LoRAConfig(r=4), pool="sum")
+    torch.nn.init.normal_(rm.head.weight)
+    torch.nn.init.normal_(rm.head.bias)
+    b = collate([encode("prompt", "a response", 64), encode("p", "xy", 64)])
+    hidden = rm.palm(b["tokens"], mask=b["mask"], return_hidden=True,
+                     extra_embed=rm.segment_emb(b["response_mask"].long()))
+    for i in range(2):
+        rows = hidden[i][b["response_mask"][i]]
+        torch.testing.assert_close(rm.score(b["tokens"], b["mask"], b["response_mask"])[i],
+                                   (rows @ rm.head.weight[0]).sum() + rm.head.bias[0], atol=1e-5, rtol=1e-5)
+    rm.save(tmp_path / "rm")
+    again = RewardModel.load(tmp_path / "rm")
+    assert again.pool == "sum"
+    torch.testing.assert_close(again.score(b["tokens"], b["mask"], b["response_mask"]),
+                               rm.score(b["tokens"], b["mask"], b["response_mask"]))
+    with pytest.raises(ValueError, match="pool"):
+        RewardModel(PaLM(PaLMConfig.preset("test")), pool="mean")
 
 
 def test_rating_bins_score_is_the_expected_rating():
@@ -141,12 +163,12 @@ def test_make_preferences_writes_labelled_pairs(base_ckpt, tmp_path):
                         "--response-len", "24", "--min-gap", "0.0", "--flip", "0.0", "--quiet"])
     train_rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert len(train_rows) == 20 and stats["labels_flipped"] == 0
-    assert all(gold_score(r["chosen"]) >= gold_score(r["rejected"]) for r in train_rows)
+    assert all(prose(r["chosen"]) >= prose(r["rejected"]) for r in train_rows)
     assert len((tmp_path / "val.jsonl").read_text().splitlines()) == 6
     assert len((tmp_path / "demos.jsonl").read_text().splitlines()) == 5
 
 
 def test_gold_score_prefers_clean_prose():
-    assert gold_score("the cat sat on the mat") > gold_score("[[the|cat]] {{sat}}")
-    assert gold_score("plain words here") == pytest.approx(1.0)
-    assert gold_score("") == 0.0
+    assert prose("the cat sat on the mat") > prose("[[the|cat]] {{sat}}")
+    assert prose("plain words here") == pytest.approx(1.0)
+    assert prose("") == 0.0
