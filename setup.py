@@ -14,7 +14,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "plot": ["matplotlib>=3.7"],
-        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.7", "triton>=3.2"],
+        "sentiment": ["vaderSentiment>=3.3.2"],
+        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.7", "triton>=3.2", "vaderSentiment>=3.3.2"],
     },
     license="MIT",
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],

@@ -1,0 +1,263 @@
+"""The reward-vs-KL frontier of every method on one task (the DPO paper's Figure 2; Gao et al. 2022's
+over-optimisation panel), from one pretrained checkpoint:
+
+    python -m palm_rlhf.frontier --init checkpoints/pretrain/model --data enwik6 --out runs/frontier [--quick]
+
+1. Task: prompts are windows of the corpus, responses sampled from the checkpoint, the gold judge (default:
+   sentiment, VADER) labels pairs of them (ties skipped); a reward model (summed head, LoRA) learns the pairs.
+2. One set of held-out prompts; every method's final policy answers them and is scored by the gold judge, the
+   reward model (the proxy) and its KL to the reference (nats per response, from its samples):
+   - best-of-N from the reference, N = 1, 2, 4, ... (the reward model picks; KL is the analytic bound);
+   - PPO against the reward model at several fixed KL coefficients, and PPO on the gold judge itself (the upper
+     reference);
+   - DPO at several betas, on the same pairs the reward model saw;
+   each over several seeds (mean and spread).
+3. frontier.png (gold vs KL; proxy and gold vs sqrt(KL) for best-of-N and the longest PPO run), frontier.json and
+   frontier.md (the table), in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from .data import DATASETS, load_corpus, prompt_sampler, prompt_windows
+from .demo import PreferenceTaskConfig, make_preference_files
+from .dpo import DPOConfig, DPOTrainer
+from .feedback import load_preferences
+from .judges import judge_reward, judge_texts, load_judge
+from .lora import LoRAConfig
+from .metrics import save_plot
+from .palm import PaLM
+from .policy import ActorCritic, Policy
+from .ppo import PPOConfig, PPOTrainer
+from .reward import RewardConfig, RewardModel, RewardTrainer
+from .rollout import evaluate_policy, sample, score
+from .utils import atomic_write_text, option
+
+
+@dataclass
+class FrontierConfig:
+    judge: str = option("sentiment", "gold judge: sentiment, prose or module:function")
+    eval_prompts: int = option(512, "held-out prompts every policy answers")
+    pairs: int = option(3000, "preference pairs (reward model and DPO)")
+    val_pairs: int = option(400, "held-out pairs")
+    rm_steps: int = option(400, "reward-model steps")
+    rm_lora_r: int = option(16, "reward-model LoRA rank")
+    best_of: tuple = option((1, 2, 4, 8, 16, 32, 64), "best-of-N values")
+    ppo_kl_coefs: tuple = option((0.02, 0.05, 0.2), "fixed KL coefficients of the PPO runs on the reward model")
+    ppo_steps: int = option(40, "PPO iterations per run")
+    long_ppo_steps: int = option(80, "iterations of the one PPO run pushed past its KL budget (0 = none)")
+    dpo_betas: tuple = option((0.05, 0.1, 0.3), "DPO betas")
+    dpo_steps: int = option(200, "DPO steps per run")
+    seeds: int = option(3, "seeds per method")
+    prompt_len: int = option(32, "prompt bytes")
+    response_len: int = option(64, "response bytes")
+    lora_r: int = option(16, "policy LoRA rank (PPO, DPO)")
+
+
+QUICK = dict(eval_prompts=128, pairs=1500, val_pairs=200, rm_steps=150, best_of=(1, 2, 4, 8), ppo_kl_coefs=(0.05,),
+             ppo_steps=12, long_ppo_steps=0, dpo_betas=(0.1,), dpo_steps=60, seeds=1)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+
+
+class Frontier:
+    def __init__(self, init: str, corpus: torch.Tensor, out: Path, cfg: FrontierConfig, quiet: bool = True):
+        self.init, self.corpus, self.out, self.cfg, self.quiet = init, corpus, out, cfg, quiet
+        self.judge = load_judge(cfg.judge)
+        self.prompts = prompt_sampler(corpus, cfg.prompt_len)
+        self.eval_set = prompt_windows(corpus, cfg.eval_prompts, cfg.prompt_len, seed=987_654)
+        self.sampling = PPOConfig(max_new_tokens=cfg.response_len, eval_prompts=2)  # temperature 1, no EOS
+        self.points: list[dict] = []
+        self.curves: dict[str, list[dict]] = {}
+        self.reference: dict = {}
+
+    def log(self, text: str) -> None:
+        print(f"[frontier {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def evaluate(self, policy: Policy, reward_fn, seed: int) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        return evaluate_policy(policy, reward_fn, self.eval_set, self.sampling, g, actor=True, gold_fn=self.judge)
+
+    def add(self, method: str, setting: str, seed: int, result: dict, **extra) -> None:
+        row = {"method": method, "setting": setting, "seed": seed, "gold": result["gold_score"],
+               "gold_std": result["gold_score_std"], "kl": result.get("kl", result.get("kl_bound")),
+               "proxy": result.get("rm_score"), **extra}
+        self.points.append(row)
+        self.log(f"{method} {setting} seed {seed}: gold {row['gold']:.3f}, KL {row['kl']:.2f}")
+
+    # ------------------------------------------------------------------------------------------------ stages
+
+    def task(self) -> tuple[Path, Path]:
+        c, data = self.cfg, self.out / "data"
+        if not (data / "train.jsonl").is_file():
+            model = PaLM.load(self.init).eval()
+            make_preference_files(model, self.corpus, data, PreferenceTaskConfig(
+                judge=c.judge, pairs=c.pairs, val_pairs=c.val_pairs, demos=1, prompt_len=c.prompt_len,
+                response_len=c.response_len, flip=0.0, min_gap=0.05, quiet=self.quiet))
+        return data / "train.jsonl", data / "val.jsonl"
+
+    def reward_model(self, train: Path, val: Path) -> RewardModel:
+        path = self.out / "reward" / "model"
+        if not path.is_dir():
+            torch.manual_seed(0)
+            rm = RewardModel(PaLM.load(self.init), lora=LoRAConfig(r=self.cfg.rm_lora_r), pool="sum")
+            RewardTrainer(rm, train, RewardConfig(steps=self.cfg.rm_steps, batch_size=16, lr=1e-3, max_len=96,
+                                                  eval_interval=50, pool="sum", quiet=self.quiet,
+                                                  checkpoint_dir=str(self.out / "reward")),
+                          val=val, gold_fn=self.judge).train()
+        summary = json.loads((self.out / "reward" / "summary.json").read_text())
+        self.rm_accuracy = {k: summary.get(k) for k in ("val_acc", "val_gold_acc", "gold_label_agreement")}
+        return RewardModel.load(path).eval()
+
+    def best_of_n(self, rm: RewardModel) -> None:
+        """One draw of max(N) reference samples per prompt; best-of-N for each N reads its first N."""
+        c, n_max = self.cfg, max(self.cfg.best_of)
+        base = Policy(PaLM.load(self.init), lora=LoRAConfig(r=1))  # adapter B = 0: the reference itself
+        g = torch.Generator().manual_seed(12345)
+        gold, proxy = [], []
+        for chunk in range(0, len(self.eval_set), 32):
+            gen = sample(base, self.eval_set[chunk:chunk + 32], self.sampling, g, policy="reference", n=n_max)
+            proxy.append(score(rm.score, gen)[0].view(-1, n_max))
+            gold.append(judge_texts(self.judge, gen.tokens, gen.mask).view(-1, n_max))
+        gold, proxy = torch.cat(gold), torch.cat(proxy)
+        self.reference = {"gold": gold[:, 0].mean().item(), "gold_std": gold[:, 0].std().item(),
+                          "proxy": proxy[:, 0].mean().item()}
+        curve = []
+        for n in c.best_of:
+            pick = proxy[:, :n].argmax(dim=1)
+            rows = torch.arange(len(pick))
+            kl = math.log(n) - (n - 1) / n
+            self.add("best-of-N", f"N={n}", 0, {"gold_score": gold[rows, pick].mean().item(),
+                                                 "gold_score_std": gold[rows, pick].std().item(), "kl_bound": kl,
+                                                 "rm_score": proxy[rows, pick].mean().item()})
+            curve.append({"kl": kl, "gold": gold[rows, pick].mean().item(), "proxy": proxy[rows, pick].mean().item()})
+        self.curves["best-of-N"] = curve
+
+    def ppo(self, rm: RewardModel | None, kl_coef: float, seed: int, steps: int, name: str) -> dict:
+        c = self.cfg
+        torch.manual_seed(seed)
+        ac = ActorCritic(PaLM.load(self.init), lora=LoRAConfig(r=c.lora_r))
+        reward = rm if rm is not None else judge_reward(self.judge)
+        cfg = PPOConfig(steps=steps, lr=5e-4, prompts_per_iter=16, minibatch_size=8, ppo_epochs=4,
+                        max_new_tokens=c.response_len, kl_coef=kl_coef, adaptive_kl=False, eval_prompts=2,
+                        best_of=0, seed=seed, quiet=self.quiet, critic_from_reward=rm is not None,
+                        checkpoint_interval=max(steps, 1), checkpoint_dir=str(self.out / "runs" / f"{name}-s{seed}"))
+        summary = PPOTrainer(ac, reward, self.prompts, cfg, gold_fn=self.judge).train()
+        result = self.evaluate(ac, rm.score if rm is not None else judge_reward(self.judge), seed)
+        return {"result": result, "history": summary["history"]}
+
+    def dpo(self, train: Path, val: Path, beta: float, seed: int) -> dict:
+        c = self.cfg
+        torch.manual_seed(seed)
+        policy = Policy(PaLM.load(self.init), lora=LoRAConfig(r=c.lora_r))
+        cfg = DPOConfig(steps=c.dpo_steps, batch_size=16, lr=5e-4, beta=beta, max_len=96, eval_prompts=0,
+                        eval_interval=0, seed=seed, quiet=self.quiet, checkpoint_interval=max(c.dpo_steps, 1),
+                        checkpoint_dir=str(self.out / "runs" / f"dpo-beta{beta}-s{seed}"))
+        summary = DPOTrainer(policy, train, cfg, val=val).train()
+        return {"result": self.evaluate(policy, self.rm.score, seed), "val_acc": summary.get("val_acc")}
+
+    # ------------------------------------------------------------------------------------------------ the sweep
+
+    def run(self) -> dict:
+        c, t0 = self.cfg, time.time()
+        train, val = self.task()
+        self.log(f"task ready: {len(load_preferences(train))} training pairs")
+        self.rm = self.reward_model(train, val)
+        self.log(f"reward model: held-out accuracy vs gold {self.rm_accuracy['val_gold_acc']:.1%}")
+        self.best_of_n(self.rm)
+        for seed in range(c.seeds):
+            for coef in c.ppo_kl_coefs:
+                run = self.ppo(self.rm, coef, seed, c.ppo_steps, f"ppo-kl{coef}")
+                self.add("PPO (reward model)", f"kl_coef={coef}", seed, run["result"])
+            run = self.ppo(None, c.ppo_kl_coefs[0], seed, c.ppo_steps, "ppo-gold")
+            self.add("PPO (gold reward)", f"kl_coef={c.ppo_kl_coefs[0]}", seed, run["result"])
+            for beta in c.dpo_betas:
+                run = self.dpo(train, val, beta, seed)
+                self.add("DPO", f"beta={beta}", seed, run["result"], pair_acc=run["val_acc"])
+        if c.long_ppo_steps:
+            run = self.ppo(self.rm, min(c.ppo_kl_coefs), 0, c.long_ppo_steps, "ppo-long")
+            self.curves["PPO (long run, rollouts)"] = [
+                {"kl": r["kl"], "gold": r["gold_score"], "proxy": r["rm_score"]} for r in run["history"]]
+        report = {"config": asdict(c), "init": str(self.init), "reference": self.reference,
+                  "reward_model": self.rm_accuracy, "points": self.points, "table": self.table(),
+                  "curves": self.curves, "minutes": (time.time() - t0) / 60}
+        atomic_write_text(json.dumps(report, indent=1), self.out / "frontier.json")
+        atomic_write_text("\n".join(self.markdown(report)) + "\n", self.out / "frontier.md")
+        self.plot()
+        print("\n".join(self.markdown(report)))
+        return report
+
+    def table(self) -> list[dict]:
+        """Mean and spread over seeds for each (method, setting); gold gain in reference standard deviations."""
+        rows, sd = [], max(self.reference["gold_std"], 1e-9)
+        for key in dict.fromkeys((p["method"], p["setting"]) for p in self.points):
+            pts = [p for p in self.points if (p["method"], p["setting"]) == key]
+            gold, gold_sd = mean_sd([p["gold"] for p in pts])
+            kl, kl_sd = mean_sd([p["kl"] for p in pts])
+            rows.append({"method": key[0], "setting": key[1], "seeds": len(pts), "gold": gold, "gold_seed_sd": gold_sd,
+                         "gain_sd": (gold - self.reference["gold"]) / sd, "kl": kl, "kl_seed_sd": kl_sd})
+        return rows
+
+    def markdown(self, report: dict) -> list[str]:
+        ref, rm = report["reference"], report["reward_model"]
+        lines = [f"{len(self.eval_set)} held-out prompts; reference policy gold {ref['gold']:.3f} (sd "
+                 f"{ref['gold_std']:.3f} over prompts); reward model held-out accuracy vs the gold judge "
+                 f"{rm['val_gold_acc']:.1%}; {report['minutes']:.0f} minutes.", "",
+                 "| method | setting | seeds | gold score | gain (reference sd) | KL (nats/response) |",
+                 "|---|---|---|---|---|---|"]
+        for r in report["table"]:
+            kl = f"{r['kl']:.2f} (bound)" if r["method"] == "best-of-N" else f"{r['kl']:.2f} ± {r['kl_seed_sd']:.2f}"
+            lines.append(f"| {r['method']} | {r['setting']} | {r['seeds']} | {r['gold']:.3f} ± {r['gold_seed_sd']:.3f} "
+                         f"| {r['gain_sd']:+.2f} | {kl} |")
+        return lines
+
+    def plot(self) -> None:
+        panels = {"gold score vs KL to the reference": {}, "proxy and gold vs sqrt(KL)": {}}
+        for method in dict.fromkeys(p["method"] for p in self.points):
+            pts = sorted((p["kl"], p["gold"]) for p in self.points if p["method"] == method)
+            panels["gold score vs KL to the reference"][method] = ([x for x, _ in pts], [y for _, y in pts])
+        for name, curve in self.curves.items():
+            xs = [math.sqrt(max(r["kl"], 0.0)) for r in curve]
+            panels["proxy and gold vs sqrt(KL)"][f"{name}: reward model"] = (xs, [r["proxy"] for r in curve])
+            panels["proxy and gold vs sqrt(KL)"][f"{name}: gold"] = (xs, [r["gold"] for r in curve])
+        save_plot(self.out / "frontier.png", panels, title="reward vs KL")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--init", required=True, help="the pretrained (or SFT) checkpoint or model folder")
+    parser.add_argument("--data", default="enwik6", help=f"prompt corpus: a file or {', '.join(DATASETS)}")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--out", default="runs/frontier")
+    parser.add_argument("--quick", action="store_true", help="a first look: " + ", ".join(
+        f"{k}={v}" for k, v in QUICK.items()))
+    parser.add_argument("--verbose", action="store_true", help="progress bars of every run")
+    for f in fields(FrontierConfig):
+        kind = type(f.default)
+        if kind is tuple:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=float if "kl" in f.name or "beta" in f.name
+                                else int, nargs="+", default=None, help=f.metadata["help"])
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f.metadata["help"])
+    args = parser.parse_args(argv)
+    cfg = replace(FrontierConfig(), **(QUICK if args.quick else {}))
+    cfg = replace(cfg, **{f.name: tuple(v) if isinstance(v, list) else v for f in fields(FrontierConfig)
+                          if (v := getattr(args, f.name)) is not None})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return Frontier(args.init, load_corpus(args.data, data_dir=args.data_dir), out, cfg, quiet=not args.verbose).run()
+
+
+if __name__ == "__main__":
+    main()
