@@ -1,4 +1,5 @@
-"""PPO throughput: rollout + learn samples/s and peak memory, ours vs the anchor, side by side in one run.
+"""PPO throughput: rollout + learn samples/s and peak memory, ours vs the anchor, side by side in one run; and DPO's
+preference pairs/s on the same model beside them (no sampling, two sequences per pair).
 
     python benchmarks/bench_ppo.py                                   # ours only
     python benchmarks/bench_ppo.py --anchor-path /tmp/anchor_site    # + palm-rlhf-pytorch 0.8.0 (RLHFTrainer)
@@ -49,6 +50,23 @@ def run_ours(iterations: int, epochs: int, minibatch: int) -> dict:
             "rollout_share": rollout / elapsed, "peak_rss_mb": peak_rss_mb()}
 
 
+def run_dpo(iterations: int) -> dict:
+    from palm_rlhf import DPOConfig, DPOTrainer, LoRAConfig, PaLM, PaLMConfig, Policy
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    text = lambda n: bytes(torch.randint(97, 123, (n,), generator=g).tolist()).decode()  # noqa: E731
+    pairs = [{"prompt": text(32), "chosen": text(64), "rejected": text(64)} for _ in range(256)]
+    trainer = DPOTrainer(Policy(PaLM(PaLMConfig(**SIZE, max_seq_len=1024)), lora=LoRAConfig(r=8)), pairs,
+                         DPOConfig(batch_size=16, max_len=96, eval_prompts=0, cpu=True, steps=iterations + 1))
+    trainer.training_step(0)  # warm-up
+    t = time.perf_counter()
+    for i in range(iterations):
+        trainer.training_step(i + 1)
+    elapsed = time.perf_counter() - t
+    return {"samples_per_s": 16 * iterations / elapsed, "seconds": elapsed, "samples": 16 * iterations,
+            "peak_rss_mb": peak_rss_mb()}
+
+
 def run_anchor(rollouts: int) -> dict:
     from palm_rlhf_pytorch import PaLM, RewardModel, RLHFTrainer
     torch.manual_seed(0)
@@ -91,8 +109,12 @@ def main():
     if args.child == "anchor":
         print(json.dumps(run_anchor(rollouts=2 * args.iterations * 4)))
         return
+    if args.child == "dpo":
+        print(json.dumps(run_dpo(args.iterations)))
+        return
     rows = {"palm-rlhf, 1 epoch, minibatch 16": child("ours", args),
-            "palm-rlhf, defaults (4 epochs, minibatch 8)": child("ours4", args)}
+            "palm-rlhf, defaults (4 epochs, minibatch 8)": child("ours4", args),
+            "palm-rlhf DPO (samples = preference pairs), batch 16": child("dpo", args)}
     if args.anchor_path:
         rows["palm-rlhf-pytorch 0.8.0 RLHFTrainer, 1 epoch, minibatch 16"] = child("anchor", args)
     print_table(f"PPO rollout + learn, prompt 32, +64 tokens, {machine()}", ["trainer", "samples", "seconds",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+from itertools import combinations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,36 +30,40 @@ from .utils import atomic_write_text, option, require, write_jsonl
 @torch.no_grad()
 def build_preferences(model, corpus: Tensor, *, pairs: int, prompt_len: int = 32, response_len: int = 64,
                       flip: float = 0.1, min_gap: float = 0.05, batch: int = 64, temperature: float = 1.0,
-                      seed: int = 0, quiet: bool = False, judge: Judge = prose) -> tuple[list[dict], dict]:
-    """Sample two responses per prompt and label each pair with the (noisy) gold judge."""
+                      seed: int = 0, quiet: bool = False, judge: Judge = prose,
+                      per_prompt: int = 2) -> tuple[list[dict], dict]:
+    """Sample `per_prompt` responses per prompt and label every pair of them with the (noisy) gold judge (more
+    than two per prompt gives more pairs per sample, for judges that call most pairs a tie)."""
     rng = random.Random(seed)
     device = next(model.parameters()).device
     out, ties, flipped, drawn = [], 0, 0, 0
     bar = tqdm(total=pairs, desc="labelling pairs", disable=quiet)
     round_ = 0
     while len(out) < pairs:
-        prompts = prompt_windows(corpus, batch // 2, prompt_len, seed * 7919 + round_)
+        prompts = prompt_windows(corpus, max(1, batch // per_prompt), prompt_len, seed * 7919 + round_)
         round_ += 1
-        gen = generate(model, [p.to(device) for p in prompts for _ in range(2)], response_len,
+        gen = generate(model, [p.to(device) for p in prompts for _ in range(per_prompt)], response_len,
                        temperature=temperature, generator=torch.Generator(device=device).manual_seed(seed + round_))
         texts = [decode_bytes(t[m].tolist()) for t, m in zip(gen.tokens.cpu(), gen.mask.cpu())]
         for i, prompt in enumerate(prompts):
-            a, b = texts[2 * i], texts[2 * i + 1]
-            drawn += 1
-            ga, gb = judge(a), judge(b)
-            if abs(ga - gb) < min_gap or not a or not b:
-                ties += 1
-                continue
-            chosen, rejected = (a, b) if ga > gb else (b, a)
-            if rng.random() < flip:
-                chosen, rejected = rejected, chosen
-                flipped += 1
-            out.append({"prompt": decode_bytes(prompt.tolist()), "chosen": chosen, "rejected": rejected})
-            bar.update(1)
+            for a, b in combinations(texts[per_prompt * i:per_prompt * (i + 1)], 2):
+                drawn += 1
+                ga, gb = judge(a), judge(b)
+                if abs(ga - gb) < min_gap or not a or not b:
+                    ties += 1
+                    continue
+                chosen, rejected = (a, b) if ga > gb else (b, a)
+                if rng.random() < flip:
+                    chosen, rejected = rejected, chosen
+                    flipped += 1
+                out.append({"prompt": decode_bytes(prompt.tolist()), "chosen": chosen, "rejected": rejected})
+                bar.update(1)
+                if len(out) == pairs:
+                    break
             if len(out) == pairs:
                 break
     bar.close()
-    stats = {"pairs": len(out), "prompts_drawn": drawn, "ties_skipped": ties, "labels_flipped": flipped,
+    stats = {"pairs": len(out), "pairs_drawn": drawn, "ties_skipped": ties, "labels_flipped": flipped,
              "flip_rate": flipped / max(len(out), 1)}
     return out, stats
 
@@ -83,6 +88,7 @@ class PreferenceTaskConfig:
     demos: int = option(2000, "SFT demonstrations to write (the real continuations the judge likes best)")
     prompt_len: int = option(32, "prompt bytes (windows of the corpus)")
     response_len: int = option(64, "response bytes sampled from the model")
+    per_prompt: int = option(2, "responses sampled per prompt; every pair of them is labelled (ties skipped)")
     flip: float = option(0.1, "share of labels flipped at random (noisy labellers)")
     min_gap: float = option(0.05, "gold-score gap below which a pair is a tie (skipped)")
     batch_size: int = option(64, "responses sampled at once")
@@ -92,7 +98,9 @@ class PreferenceTaskConfig:
     def __post_init__(self):
         for name in ("pairs", "val_pairs", "prompt_len", "response_len", "batch_size"):
             require(getattr(self, name) >= 1, self, name, "must be >= 1")
-        require(self.batch_size % 2 == 0, self, "batch_size", "must be even (two responses per prompt)")
+        require(self.per_prompt >= 2, self, "per_prompt", "must be >= 2 (a pair needs two responses)")
+        require(self.batch_size % self.per_prompt == 0, self, "batch_size",
+                f"must be a multiple of per_prompt ({self.per_prompt})")
         require(0 <= self.flip <= 1, self, "flip", "must lie in [0, 1]")
 
 
@@ -102,7 +110,8 @@ def make_preference_files(model, corpus: Tensor, out, config: PreferenceTaskConf
     c, out, judge = config, Path(out), load_judge(config.judge)
     pairs, stats = build_preferences(model, corpus, pairs=c.pairs + c.val_pairs, prompt_len=c.prompt_len,
                                      response_len=c.response_len, flip=c.flip, min_gap=c.min_gap,
-                                     batch=c.batch_size, seed=c.seed, quiet=c.quiet, judge=judge)
+                                     batch=c.batch_size, seed=c.seed, quiet=c.quiet, judge=judge,
+                                     per_prompt=c.per_prompt)
     write_jsonl(pairs[:c.pairs], out / "train.jsonl")
     write_jsonl(pairs[c.pairs:], out / "val.jsonl")
     demos = build_demonstrations(corpus, count=c.demos, prompt_len=c.prompt_len, response_len=c.response_len,

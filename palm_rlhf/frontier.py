@@ -30,7 +30,7 @@ import torch
 from .data import DATASETS, load_corpus, prompt_sampler, prompt_windows
 from .demo import PreferenceTaskConfig, make_preference_files
 from .dpo import DPOConfig, DPOTrainer
-from .feedback import load_preferences
+from .feedback import collate, encode, load_preferences
 from .judges import judge_reward, judge_texts, load_judge
 from .lora import LoRAConfig
 from .metrics import save_plot
@@ -47,6 +47,7 @@ class FrontierConfig:
     judge: str = option("sentiment", "gold judge: sentiment, prose or module:function")
     eval_prompts: int = option(512, "held-out prompts every policy answers")
     pairs: int = option(3000, "preference pairs (reward model and DPO)")
+    per_prompt: int = option(4, "responses sampled per prompt for the pairs (every non-tie pair of them is kept)")
     val_pairs: int = option(400, "held-out pairs")
     rm_steps: int = option(400, "reward-model steps")
     rm_lora_r: int = option(16, "reward-model LoRA rank")
@@ -72,8 +73,10 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 class Frontier:
-    def __init__(self, init: str, corpus: torch.Tensor, out: Path, cfg: FrontierConfig, quiet: bool = True):
+    def __init__(self, init: str, corpus: torch.Tensor, out: Path, cfg: FrontierConfig, quiet: bool = True, *,
+                 pairs: tuple[str, str] | None = None, reward: str | None = None):
         self.init, self.corpus, self.out, self.cfg, self.quiet = init, corpus, out, cfg, quiet
+        self.given_pairs, self.given_reward = pairs, reward  # bring your own preference files / reward model
         self.judge = load_judge(cfg.judge)
         self.prompts = prompt_sampler(corpus, cfg.prompt_len)
         self.eval_set = prompt_windows(corpus, cfg.eval_prompts, cfg.prompt_len, seed=987_654)
@@ -100,25 +103,40 @@ class Frontier:
 
     def task(self) -> tuple[Path, Path]:
         c, data = self.cfg, self.out / "data"
+        if self.given_pairs:
+            return tuple(Path(p) for p in self.given_pairs)
         if not (data / "train.jsonl").is_file():
             model = PaLM.load(self.init).eval()
             make_preference_files(model, self.corpus, data, PreferenceTaskConfig(
                 judge=c.judge, pairs=c.pairs, val_pairs=c.val_pairs, demos=1, prompt_len=c.prompt_len,
-                response_len=c.response_len, flip=0.0, min_gap=0.05, quiet=self.quiet))
+                response_len=c.response_len, flip=0.0, min_gap=0.05, per_prompt=c.per_prompt, quiet=self.quiet))
         return data / "train.jsonl", data / "val.jsonl"
 
     def reward_model(self, train: Path, val: Path) -> RewardModel:
-        path = self.out / "reward" / "model"
-        if not path.is_dir():
+        path = Path(self.given_reward) if self.given_reward else self.out / "reward" / "model"
+        if not self.given_reward and not path.is_dir():
             torch.manual_seed(0)
             rm = RewardModel(PaLM.load(self.init), lora=LoRAConfig(r=self.cfg.rm_lora_r), pool="sum")
             RewardTrainer(rm, train, RewardConfig(steps=self.cfg.rm_steps, batch_size=16, lr=1e-3, max_len=96,
                                                   eval_interval=50, pool="sum", quiet=self.quiet,
                                                   checkpoint_dir=str(self.out / "reward")),
                           val=val, gold_fn=self.judge).train()
-        summary = json.loads((self.out / "reward" / "summary.json").read_text())
-        self.rm_accuracy = {k: summary.get(k) for k in ("val_acc", "val_gold_acc", "gold_label_agreement")}
-        return RewardModel.load(path).eval()
+        rm = RewardModel.load(path).eval()
+        self.rm_accuracy = {"val_gold_acc": self.pair_accuracy(rm, val), "pairs": len(load_preferences(val))}
+        return rm
+
+    @torch.no_grad()
+    def pair_accuracy(self, rm: RewardModel, val: Path) -> float:
+        """The reward model's agreement with the gold judge on the held-out pairs (ties under the judge left out)."""
+        rows = [r for r in load_preferences(val) if self.judge(r["chosen"]) != self.judge(r["rejected"])]
+        right = 0
+        for i in range(0, len(rows), 32):
+            chunk = rows[i:i + 32]
+            b = collate([encode(r["prompt"], r[k], 256) for r in chunk for k in ("chosen", "rejected")])
+            s = rm.score(b["tokens"], b["mask"], b["response_mask"]).view(-1, 2)
+            gold = torch.tensor([self.judge(r["chosen"]) > self.judge(r["rejected"]) for r in chunk])
+            right += ((s[:, 0] > s[:, 1]) == gold).sum().item()
+        return right / max(len(rows), 1)
 
     def best_of_n(self, rm: RewardModel) -> None:
         """One draw of max(N) reference samples per prompt; best-of-N for each N reads its first N."""
@@ -240,6 +258,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", default="enwik6", help=f"prompt corpus: a file or {', '.join(DATASETS)}")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", default="runs/frontier")
+    parser.add_argument("--train", default=None, help="preference pairs to use instead of sampling them (with --val)")
+    parser.add_argument("--val", default=None, help="held-out pairs (with --train)")
+    parser.add_argument("--reward", default=None, help="a trained reward model to use instead of training one")
     parser.add_argument("--quick", action="store_true", help="a first look: " + ", ".join(
         f"{k}={v}" for k, v in QUICK.items()))
     parser.add_argument("--verbose", action="store_true", help="progress bars of every run")
@@ -256,7 +277,10 @@ def main(argv=None) -> dict:
                           if (v := getattr(args, f.name)) is not None})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    return Frontier(args.init, load_corpus(args.data, data_dir=args.data_dir), out, cfg, quiet=not args.verbose).run()
+    if (args.train is None) != (args.val is None):
+        parser.error("--train and --val go together")
+    return Frontier(args.init, load_corpus(args.data, data_dir=args.data_dir), out, cfg, quiet=not args.verbose,
+                    pairs=(args.train, args.val) if args.train else None, reward=args.reward).run()
 
 
 if __name__ == "__main__":

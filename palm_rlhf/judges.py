@@ -6,6 +6,10 @@ humans when a run is evaluated ("gold" scores), and can replace a reward model o
 - `sentiment`: VADER's compound score in [-1, 1] (Hutto & Gilbert 2014, the rule-based sentiment analyser of the
   `vaderSentiment` package, an optional extra: `pip install -e ".[sentiment]"`). Continuing a prompt with positive
   sentiment is the field's standard testbed for comparing RLHF methods (the DPO paper's, TRL's and trlX's).
+- `sentiment-common`: the same VADER scorer with its lexicon cut to the 100 alphabetic lexicon words most frequent
+  in enwik6 (`COMMON_SENTIMENT_WORDS`, counted with VADER's own tokenizer; each occurs >= 12 times there). A reward
+  model only learns what a word is worth from pairs where the word occurs, and full VADER's verdicts on samples
+  of a small byte-level model hinge on words too rare for that (README, the sentiment task, has the numbers).
 - Any function of your own, named `module:function` (a file's folder must be importable, e.g. on PYTHONPATH).
 """
 
@@ -23,6 +27,19 @@ from .data import decode_bytes
 Judge = Callable[[str], float]                           # a response's text -> a score
 RewardFn = Callable[[Tensor, Tensor, Tensor], Tensor]   # (tokens, mask, response_mask), each (b, n) -> (b,) scores
 
+COMMON_SENTIMENT_WORDS = (
+    "united", "war", "no", "award", "best", "well", "like", "great", "number", "natural", "party", "important", "god",
+    "popular", "slavery", "won", "novel", "free", "lost", "support", "certain", "help", "increase", "values",
+    "battle", "good", "created", "awards", "disorder", "original", "death", "play", "lack", "ethical", "significant",
+    "interest", "ability", "strong", "better", "killed", "supported", "increased", "interests", "true", "lower",
+    "authority", "chance", "greatest", "limited", "argued", "value", "intellectual", "growth", "grand", "success",
+    "save", "argue", "active", "accepted", "conflict", "prominent", "evil", "reached", "successful", "kind",
+    "problems", "low", "friends", "matter", "hero", "love", "grant", "died", "benefit", "violence", "allow",
+    "rebellion", "desire", "truth", "greater", "win", "special", "join", "capable", "rejected", "controversial",
+    "benefits", "slam", "destroy", "wealth", "strongly", "critics", "difficult", "importance", "critical", "hand",
+    "friend", "clear", "fire", "determined",
+)
+
 MARKUP = ("[[", "]]", "{{", "}}", "&lt;", "&gt;", "&amp;", "&quot;", "|", "=", "*", "#", "<", ">")
 
 
@@ -34,14 +51,17 @@ def prose(text: str) -> float:
     return clean - 0.05 * sum(text.count(m) for m in MARKUP)
 
 
-@lru_cache(maxsize=1)
-def _vader():
+@lru_cache(maxsize=2)
+def _vader(common_words_only: bool = False):
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError:
-        raise ImportError("the sentiment judge needs the vaderSentiment package: pip install -e \".[sentiment]\" "
+        raise ImportError("the sentiment judges need the vaderSentiment package: pip install -e \".[sentiment]\" "
                           "(or pip install vaderSentiment==3.3.2)") from None
-    return SentimentIntensityAnalyzer()
+    analyser = SentimentIntensityAnalyzer()
+    if common_words_only:
+        analyser.lexicon = {w: analyser.lexicon[w] for w in COMMON_SENTIMENT_WORDS}
+    return analyser
 
 
 def sentiment(text: str) -> float:
@@ -49,7 +69,12 @@ def sentiment(text: str) -> float:
     return float(_vader().polarity_scores(text)["compound"])
 
 
-JUDGES: dict[str, Judge] = {"prose": prose, "sentiment": sentiment}
+def sentiment_common(text: str) -> float:
+    """VADER compound sentiment counting only COMMON_SENTIMENT_WORDS (VADER's rules, e.g. negation, unchanged)."""
+    return float(_vader(True).polarity_scores(text)["compound"])
+
+
+JUDGES: dict[str, Judge] = {"prose": prose, "sentiment": sentiment, "sentiment-common": sentiment_common}
 
 
 def load_judge(spec: str) -> Judge:

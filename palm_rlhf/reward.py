@@ -179,9 +179,11 @@ class RewardTrainer(GradientTrainer):
         loader, keys = (load_preferences, ("chosen", "rejected")) if self.pairwise else (load_ratings, ("response",))
         val_ex, self.train_set, self.val_set = load_examples(train, val, loader, keys, config.max_len,
                                                              config.val_fraction)
-        self.gold_labels = None  # which response the gold judge prefers, for each held-out pair
+        self.gold_labels = None  # which response the gold judge prefers, for each held-out pair, and by how much
         if exists(gold_fn) and self.pairwise:
-            self.gold_labels = torch.tensor([gold_fn(ex["chosen"]) > gold_fn(ex["rejected"]) for ex in val_ex])
+            gold = torch.tensor([[gold_fn(ex["chosen"]), gold_fn(ex["rejected"])] for ex in val_ex], dtype=torch.float64)
+            self.gold_labels, self.gold_gaps = gold[:, 0] > gold[:, 1], (gold[:, 0] - gold[:, 1]).abs()
+            self.gold_correct = None
         if self.pairwise:
             self.plots = {**self.plots, "pairwise accuracy": {"train batch": "acc", "held-out": "val_acc",
                                                               "held-out vs gold": "val_gold_acc"}}
@@ -221,12 +223,14 @@ class RewardTrainer(GradientTrainer):
             c, r = torch.cat(chosen), torch.cat(rejected)
             out["val_acc"] = pairwise_accuracy(c, r)
             if exists(self.gold_labels):
-                out["val_gold_acc"] = ((c > r) == self.gold_labels).float().mean().item()
+                self.gold_correct = (c > r) == self.gold_labels
+                out["val_gold_acc"] = self.gold_correct.float().mean().item()
         return out
 
     def on_train_end(self, summary: dict) -> None:
         if exists(self.gold_labels):
             summary["gold_label_agreement"] = self.gold_labels.float().mean().item()
+            summary["gold_acc_by_gap"] = accuracy_by_gap(self.gold_correct, self.gold_gaps)
 
     def summary_lines(self, summary: dict) -> list[str]:
         lines = [f"held-out loss {summary.get('val_loss', float('nan')):.4f}"]
@@ -235,4 +239,13 @@ class RewardTrainer(GradientTrainer):
         if "gold_label_agreement" in summary:
             lines.append(f"held-out accuracy vs the gold judge: {summary['val_gold_acc']:.1%} (the gold judge "
                          f"itself agrees with the noisy labels on {summary['gold_label_agreement']:.1%}: the ceiling)")
+            lines += [f"  gold gap {b['gap_from']:.3f}-{b['gap_to']:.3f}: {b['accuracy']:.1%} of {b['pairs']} pairs"
+                      for b in summary["gold_acc_by_gap"]]
         return lines
+
+
+def accuracy_by_gap(correct: Tensor, gaps: Tensor, bins: int = 3) -> list[dict]:
+    """Accuracy against the gold judge in `bins` equal-count bins of the gold score gap (small gaps are hard)."""
+    order = gaps.argsort()
+    return [{"gap_from": gaps[idx].min().item(), "gap_to": gaps[idx].max().item(), "pairs": len(idx),
+             "accuracy": correct[idx].float().mean().item()} for idx in order.tensor_split(bins) if len(idx)]

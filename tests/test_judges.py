@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from palm_rlhf import PaLM, PaLMConfig, cli
-from palm_rlhf.judges import JUDGES, judge_reward, load_judge, prose, sentiment
+from palm_rlhf.judges import (COMMON_SENTIMENT_WORDS, JUDGES, judge_reward, load_judge, prose, sentiment,
+                               sentiment_common)
 from palm_rlhf.feedback import collate, encode
 
 
 def test_judges_by_name_and_by_module_function(tmp_path, monkeypatch):
-    assert load_judge("prose") is prose and set(JUDGES) == {"prose", "sentiment"}
+    assert load_judge("prose") is prose and set(JUDGES) == {"prose", "sentiment", "sentiment-common"}
     (tmp_path / "my_judges.py").write_text("def shouting(text):\n    return sum(c.isupper() for c in text)\n"
                                            "NOT_CALLABLE = 3\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -28,6 +29,11 @@ def test_sentiment_is_vader_compound():
     assert sentiment("What a wonderful, happy day. I love it!") > 0.8
     assert sentiment("a terrible, sad and horrible war") < -0.8
     assert sentiment("the table has four legs") == 0.0
+    # the common-words variant: VADER's rules on 100 frequent words only; rarer words count for nothing
+    assert len(COMMON_SENTIMENT_WORDS) == 100 and {"good", "great", "war", "no"} <= set(COMMON_SENTIMENT_WORDS)
+    assert sentiment_common("a great and good friend") == sentiment("a great and good friend") > 0.5
+    assert sentiment_common("not good") == sentiment("not good") < 0        # negation still applies
+    assert sentiment_common("a superb, delightful day") == 0.0 < sentiment("a superb, delightful day")
 
 
 def test_a_judge_as_reward_function_scores_the_response_only():

@@ -110,6 +110,9 @@ def test_reward_model_learns_an_easy_preference(base_ckpt, tmp_path):
     out = cli.main(reward_args(base_ckpt[0], tmp_path, tmp_path / "rm", "--steps", "40"))
     assert out["val_acc"] >= 0.95 and out["val_gold_acc"] >= 0.95, out
     assert out["gold_label_agreement"] == 1.0
+    bins = out["gold_acc_by_gap"]  # accuracy in three equal-count bins of the gold gap, smallest gaps first
+    assert len(bins) == 3 and sum(b["pairs"] for b in bins) == 24 and bins[0]["gap_to"] <= bins[2]["gap_from"]
+    assert sum(b["accuracy"] * b["pairs"] for b in bins) / 24 == pytest.approx(out["val_gold_acc"])
     assert (tmp_path / "rm" / "reward.png").is_file()
     state = read_training_state(tmp_path / "rm" / "last.pt", stage="reward")
     assert state["model_config"]["kind"] == "reward_model" and state["model_config"]["lora"]["r"] == 8
@@ -166,6 +169,22 @@ def test_make_preferences_writes_labelled_pairs(base_ckpt, tmp_path):
     assert all(prose(r["chosen"]) >= prose(r["rejected"]) for r in train_rows)
     assert len((tmp_path / "val.jsonl").read_text().splitlines()) == 6
     assert len((tmp_path / "demos.jsonl").read_text().splitlines()) == 5
+
+
+def test_make_preferences_labels_every_pair_of_several_responses(base_ckpt, tmp_path):
+    ckpt, data = base_ckpt
+    stats = cli.main(["make-preferences", "--init", str(ckpt), "--data", str(data), "--out", str(tmp_path),
+                      "--pairs", "30", "--val-pairs", "6", "--demos", "1", "--prompt-len", "16", "--response-len",
+                      "24", "--min-gap", "0.0", "--flip", "0.0", "--per-prompt", "4", "--batch-size", "16",
+                      "--judge", "prose", "--quiet"])
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    by_prompt = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt"], set()).update((r["chosen"], r["rejected"]))
+    assert len(rows) == 30 and stats["pairs_drawn"] == 36 and max(len(v) for v in by_prompt.values()) <= 4
+    assert max(sum(r["prompt"] == p for r in rows) for p in by_prompt) == 6  # 4 responses: all 6 pairs kept
+    with pytest.raises(cli.CLIError, match="--batch-size 10: must be a multiple of per_prompt"):
+        cli.main(["make-preferences", "--init", str(ckpt), "--per-prompt", "4", "--batch-size", "10"])
 
 
 def test_gold_score_prefers_clean_prose():
