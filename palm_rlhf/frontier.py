@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DATASETS, load_corpus, prompt_sampler, prompt_windows
+from .data import DATASETS, decode_bytes, load_corpus, prompt_sampler, prompt_windows
 from .demo import PreferenceTaskConfig, make_preference_files
 from .dpo import DPOConfig, DPOTrainer
 from .feedback import collate, encode, load_preferences
@@ -63,6 +63,7 @@ class FrontierConfig:
     lora_r: int = option(16, "policy LoRA rank (PPO, DPO)")
 
 
+SHOWN = 3  # responses kept per method (to the first held-out prompts), so a person can see what each one writes
 QUICK = dict(eval_prompts=128, pairs=1500, val_pairs=200, rm_steps=150, best_of=(1, 2, 4, 8), ppo_kl_coefs=(0.05,),
              ppo_steps=12, long_ppo_steps=0, dpo_betas=(0.1,), dpo_steps=60, seeds=1)
 
@@ -90,12 +91,15 @@ class Frontier:
 
     def evaluate(self, policy: Policy, reward_fn, seed: int) -> dict:
         g = torch.Generator().manual_seed(seed)
-        return evaluate_policy(policy, reward_fn, self.eval_set, self.sampling, g, actor=True, gold_fn=self.judge)
+        out = evaluate_policy(policy, reward_fn, self.eval_set, self.sampling, g, actor=True, gold_fn=self.judge)
+        gen = sample(policy, self.eval_set[:SHOWN], self.sampling, torch.Generator().manual_seed(seed + 1))
+        out["samples"] = [decode_bytes(t[m].tolist()) for t, m in zip(gen.tokens.cpu(), gen.mask.cpu())]
+        return out
 
     def add(self, method: str, setting: str, seed: int, result: dict, **extra) -> None:
         row = {"method": method, "setting": setting, "seed": seed, "gold": result["gold_score"],
                "gold_std": result["gold_score_std"], "kl": result.get("kl", result.get("kl_bound")),
-               "proxy": result.get("rm_score"), **extra}
+               "proxy": result.get("rm_score"), "samples": result.get("samples", []), **extra}
         self.points.append(row)
         self.log(f"{method} {setting} seed {seed}: gold {row['gold']:.3f}, KL {row['kl']:.2f}")
 
@@ -143,11 +147,14 @@ class Frontier:
         c, n_max = self.cfg, max(self.cfg.best_of)
         base = Policy(PaLM.load(self.init), lora=LoRAConfig(r=1))  # adapter B = 0: the reference itself
         g = torch.Generator().manual_seed(12345)
-        gold, proxy = [], []
+        gold, proxy, texts = [], [], []
         for chunk in range(0, len(self.eval_set), 32):
             gen = sample(base, self.eval_set[chunk:chunk + 32], self.sampling, g, policy="reference", n=n_max)
             proxy.append(score(rm.score, gen)[0].view(-1, n_max))
             gold.append(judge_texts(self.judge, gen.tokens, gen.mask).view(-1, n_max))
+            if chunk == 0:
+                texts = [decode_bytes(t[m].tolist()) for t, m in zip(gen.tokens[:SHOWN * n_max].cpu(),
+                                                                      gen.mask[:SHOWN * n_max].cpu())]
         gold, proxy = torch.cat(gold), torch.cat(proxy)
         self.reference = {"gold": gold[:, 0].mean().item(), "gold_std": gold[:, 0].std().item(),
                           "proxy": proxy[:, 0].mean().item()}
@@ -158,7 +165,8 @@ class Frontier:
             kl = math.log(n) - (n - 1) / n
             self.add("best-of-N", f"N={n}", 0, {"gold_score": gold[rows, pick].mean().item(),
                                                  "gold_score_std": gold[rows, pick].std().item(), "kl_bound": kl,
-                                                 "rm_score": proxy[rows, pick].mean().item()})
+                                                 "rm_score": proxy[rows, pick].mean().item(),
+                                                 "samples": [texts[i * n_max + pick[i]] for i in range(min(SHOWN, len(pick)))]})
             curve.append({"kl": kl, "gold": gold[rows, pick].mean().item(), "proxy": proxy[rows, pick].mean().item()})
         self.curves["best-of-N"] = curve
 
@@ -238,6 +246,13 @@ class Frontier:
             kl = f"{r['kl']:.2f} (bound)" if r["method"] == "best-of-N" else f"{r['kl']:.2f} ± {r['kl_seed_sd']:.2f}"
             lines.append(f"| {r['method']} | {r['setting']} | {r['seeds']} | {r['gold']:.3f} ± {r['gold_seed_sd']:.3f} "
                          f"| {r['gain_sd']:+.2f} | {kl} |")
+        lines += ["", f"What each method writes (seed 0, the first {SHOWN} held-out prompts):", ""]
+        prompts = [decode_bytes(p.tolist()) for p in self.eval_set[:SHOWN]]
+        for p in self.points:
+            if p["seed"] == 0 and p["samples"]:
+                lines += [f"- {p['method']} {p['setting']}:"] + [f"  - `{json.dumps(q)[1:-1]}` -> "
+                                                                 f"`{json.dumps(a)[1:-1]}`"
+                                                                 for q, a in zip(prompts, p["samples"])]
         return lines
 
     def plot(self) -> None:

@@ -1,7 +1,6 @@
 """Judges (text -> score): by name, as module:function, as a PPO reward function; the sentiment task's data."""
 
 import json
-import sys
 
 import pytest
 import torch
