@@ -125,8 +125,11 @@ def evaluate_policy(ac: Policy, reward_fn: RewardFn | None, prompts: list[Tensor
 
 def score_gain(before: dict, after: dict, key: str = "gold_score") -> tuple[float, float]:
     """The change of `key` in standard deviations of the `before` scores, and its standard error over prompts (both
-    policies answer the same prompts, so it is the error of the mean per-prompt difference; nan when unknown)."""
-    sd = max(before[f"{key}_std"], 1e-9)
+    policies answer the same prompts, so it is the error of the mean per-prompt difference; nan when unknown, and
+    both nan when the reference's scores do not vary: a sparse judge on a few prompts can score them all 0)."""
+    sd = before[f"{key}_std"]
+    if not sd > 0:
+        return float("nan"), float("nan")
     per_prompt = key.replace("_score", "") + "_per_prompt"
     stderr = float("nan")
     if per_prompt in before and per_prompt in after and len(before[per_prompt]) > 1:

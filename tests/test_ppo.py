@@ -210,6 +210,8 @@ def test_gold_gain_and_its_paired_standard_error():
     after = {"gold_score": 1.0, "gold_per_prompt": [1.0, 1.0, 1.0, 1.0]}
     gain, stderr = score_gain(before, after)
     assert gain == pytest.approx(0.5 / sd) and stderr == pytest.approx((sd / 4 ** 0.5) / sd)
+    flat = {"gold_score": 0.0, "gold_score_std": 0.0, "gold_per_prompt": [0.0, 0.0]}  # nothing to measure a gain in
+    assert all(math.isnan(x) for x in score_gain(flat, {"gold_score": 0.5, "gold_per_prompt": [0.5, 0.5]}))
 
 
 def test_ppo_cli_with_a_prompts_file(ppo_setup, tmp_path):
