@@ -256,15 +256,23 @@ class Frontier:
         return lines
 
     def plot(self) -> None:
-        panels = {"gold score vs KL to the reference": {}, "proxy and gold vs sqrt(KL)": {}}
-        for method in dict.fromkeys(p["method"] for p in self.points):
-            pts = sorted((p["kl"], p["gold"]) for p in self.points if p["method"] == method)
-            panels["gold score vs KL to the reference"][method] = ([x for x, _ in pts], [y for _, y in pts])
-        for name, curve in self.curves.items():
-            xs = [math.sqrt(max(r["kl"], 0.0)) for r in curve]
-            panels["proxy and gold vs sqrt(KL)"][f"{name}: reward model"] = (xs, [r["proxy"] for r in curve])
-            panels["proxy and gold vs sqrt(KL)"][f"{name}: gold"] = (xs, [r["gold"] for r in curve])
-        save_plot(self.out / "frontier.png", panels, title="reward vs KL")
+        plot_frontier(self.out / "frontier.png", self.points, self.curves)
+
+
+def plot_frontier(path, points: list[dict], curves: dict[str, list[dict]]):
+    """Gold score against KL for every method; reward-model (proxy) and gold scores against sqrt(KL) for best-of-N
+    and the long PPO run (Gao et al. 2022's picture of over-optimisation)."""
+    gold_kl, proxy, gold = "gold score vs KL to the reference", "reward model (proxy) vs sqrt(KL)", "gold vs sqrt(KL)"
+    panels = {gold_kl: {}, proxy: {}, gold: {}}
+    for method in dict.fromkeys(p["method"] for p in points):
+        pts = sorted((p["kl"], p["gold"]) for p in points if p["method"] == method)
+        panels[gold_kl][method] = ([x for x, _ in pts], [y for _, y in pts])
+    for name, curve in curves.items():
+        xs = [math.sqrt(max(r["kl"], 0.0)) for r in curve]
+        panels[proxy][name] = (xs, [r["proxy"] for r in curve])
+        panels[gold][name] = (xs, [r["gold"] for r in curve])
+    return save_plot(path, panels, title="reward vs KL (nats per response)",
+                     xlabel={gold_kl: "KL", proxy: "sqrt(KL)", gold: "sqrt(KL)"})
 
 
 def main(argv=None) -> dict:

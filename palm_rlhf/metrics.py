@@ -53,9 +53,10 @@ def read_jsonl_rows(path) -> list[dict]:
     return rows
 
 
-def save_plot(path, panels: dict[str, dict[str, tuple[list, list]]], title: str = "") -> Path | None:
+def save_plot(path, panels: dict[str, dict[str, tuple[list, list]]], title: str = "",
+              xlabel: str | dict[str, str] = "step") -> Path | None:
     """One subplot per panel, one line per series (panels with no data are left out); returns the path, or None
-    when matplotlib is missing or nothing has data."""
+    when matplotlib is missing or nothing has data. xlabel: one for all panels, or one per panel title."""
     panels = {name: lines for name, lines in panels.items() if any(xs for xs, _ in lines.values())}
     if not panels:
         return None
@@ -72,7 +73,7 @@ def save_plot(path, panels: dict[str, dict[str, tuple[list, list]]], title: str 
             if xs:
                 ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
         ax.set_title(name)
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel.get(name, "step") if isinstance(xlabel, dict) else xlabel)
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
