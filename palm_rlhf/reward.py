@@ -8,9 +8,8 @@ https://arxiv.org/abs/2203.02155, section 3.5).
 - The score is read from the final hidden state of the *last real token* of each sequence, wherever the padding is
   (right-padded pairs, or PPO's left-padded prompt + right-padded response): `pool="last"`, as InstructGPT does.
   `pool="sum"` scores every response token and sums the scores instead: a judge that adds up what each word
-  contributes (a sentiment lexicon, say) is then a sum of local readings, which a small trunk learns far more
-  readily than one summary state at the end (measured in README, the sentiment task). DPO's implicit reward is a
-  sum over tokens too.
+  contributes (a sentiment lexicon, say) is then a sum of local readings; on the sentiment task (README) it learned
+  the judge better than the last-token head, which stayed at chance. DPO's implicit reward is a sum over tokens too.
 - Losses: pairwise Bradley-Terry (optionally with a margin), rating bins (cross entropy), regression (MSE).
   Inference is deterministic: the scalar score, or for bins the expected rating under the bin distribution.
 

@@ -43,6 +43,9 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     states = [read_training_state(c, stage="ppo") for c in args.checkpoints]
     runs = [s["metadata"] for s in states]
+    if not args.reward and any("reward" not in r for r in runs):
+        raise SystemExit("a run trained on a reward function (--reward-fn) names no reward model: give one with "
+                         "--reward to score the runs with")
     shared = {(r["init"], args.reward or r["reward"], args.data or r["data"], r["prompt_len"]) for r in runs}
     if len(shared) != 1:
         raise SystemExit(f"the checkpoints must share --init, --reward, --data and --prompt-len (one reference "
