@@ -9,7 +9,7 @@ over-optimisation panel), from one pretrained checkpoint:
    reward model (the proxy) and its KL to the reference (nats per response, from its samples):
    - best-of-N from the reference, N = 1, 2, 4, ... (the reward model picks; KL is the analytic bound);
    - PPO against the reward model at several fixed KL coefficients, and PPO on the gold judge itself (the upper
-     reference);
+     reference; its scores normalised by their running mean and sd, since most are exactly 0);
    - DPO at several betas, on the same pairs the reward model saw;
    each over several seeds (mean and spread).
 3. frontier.png (gold vs KL; proxy and gold vs sqrt(KL) for best-of-N and the longest PPO run), frontier.json and
@@ -178,6 +178,7 @@ class Frontier:
         cfg = PPOConfig(steps=steps, lr=5e-4, prompts_per_iter=16, minibatch_size=8, ppo_epochs=4,
                         max_new_tokens=c.response_len, kl_coef=kl_coef, adaptive_kl=False, eval_prompts=2,
                         best_of=0, seed=seed, quiet=self.quiet, critic_from_reward=rm is not None,
+                        normalize_reward=rm is None,  # a judge's sparse scores (mostly 0): measured in README
                         checkpoint_interval=max(steps, 1), checkpoint_dir=str(self.out / "runs" / f"{name}-s{seed}"))
         summary = PPOTrainer(ac, reward, self.prompts, cfg, gold_fn=self.judge).train()
         result = self.evaluate(ac, rm.score if rm is not None else judge_reward(self.judge), seed)
