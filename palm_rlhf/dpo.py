@@ -137,7 +137,8 @@ class DPOTrainer(GradientTrainer):
 
     def loss(self, step: int, micro: int):
         g = step_generator(self.config.seed, step, micro, self.accelerator.process_index)
-        return self.forward("train", torch.randint(len(self.train_set), (self.config.batch_size,), generator=g).tolist())
+        indices = torch.randint(len(self.train_set), (self.config.batch_size,), generator=g).tolist()
+        return self.forward("train", indices)
 
     @torch.no_grad()
     def evaluate(self) -> dict:

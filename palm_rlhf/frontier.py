@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -38,7 +39,7 @@ from .palm import PaLM
 from .policy import ActorCritic, Policy
 from .ppo import PPOConfig, PPOTrainer
 from .reward import RewardConfig, RewardModel, RewardTrainer
-from .rollout import evaluate_policy, sample, score
+from .rollout import evaluate_policy, reward_function, sample, score
 from .utils import atomic_write_text, option
 
 
@@ -69,8 +70,8 @@ QUICK = dict(eval_prompts=128, pairs=1500, val_pairs=200, rm_steps=150, best_of=
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    """Mean and sample standard deviation (0 for a single value: one seed has no spread to show)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 class Frontier:
@@ -126,20 +127,21 @@ class Frontier:
                                                   checkpoint_dir=str(self.out / "reward")),
                           val=val, gold_fn=self.judge).train()
         rm = RewardModel.load(path).eval()
-        self.rm_accuracy = {"val_gold_acc": self.pair_accuracy(rm, val), "pairs": len(load_preferences(val))}
+        pairs = load_preferences(val)
+        self.rm_accuracy = {"val_gold_acc": self.pair_accuracy(rm, pairs), "pairs": len(pairs)}
         return rm
 
     @torch.no_grad()
-    def pair_accuracy(self, rm: RewardModel, val: Path) -> float:
-        """The reward model's agreement with the gold judge on the held-out pairs (ties under the judge left out)."""
-        rows = [r for r in load_preferences(val) if self.judge(r["chosen"]) != self.judge(r["rejected"])]
+    def pair_accuracy(self, rm: RewardModel, pairs: list[dict]) -> float:
+        """The reward model's agreement with the gold judge on held-out pairs (ties under the judge left out)."""
+        gold = [(self.judge(r["chosen"]), self.judge(r["rejected"])) for r in pairs]
+        rows = [(r, c > j) for r, (c, j) in zip(pairs, gold) if c != j]
         right = 0
         for i in range(0, len(rows), 32):
             chunk = rows[i:i + 32]
-            b = collate([encode(r["prompt"], r[k], 256) for r in chunk for k in ("chosen", "rejected")])
+            b = collate([encode(r["prompt"], r[k], 256) for r, _ in chunk for k in ("chosen", "rejected")])
             s = rm.score(b["tokens"], b["mask"], b["response_mask"]).view(-1, 2)
-            gold = torch.tensor([self.judge(r["chosen"]) > self.judge(r["rejected"]) for r in chunk])
-            right += ((s[:, 0] > s[:, 1]) == gold).sum().item()
+            right += ((s[:, 0] > s[:, 1]) == torch.tensor([label for _, label in chunk])).sum().item()
         return right / max(len(rows), 1)
 
     def best_of_n(self, rm: RewardModel) -> None:
@@ -162,26 +164,26 @@ class Frontier:
         for n in c.best_of:
             pick = proxy[:, :n].argmax(dim=1)
             rows = torch.arange(len(pick))
-            kl = math.log(n) - (n - 1) / n
-            self.add("best-of-N", f"N={n}", 0, {"gold_score": gold[rows, pick].mean().item(),
-                                                 "gold_score_std": gold[rows, pick].std().item(), "kl_bound": kl,
-                                                 "rm_score": proxy[rows, pick].mean().item(),
-                                                 "samples": [texts[i * n_max + pick[i]] for i in range(min(SHOWN, len(pick)))]})
-            curve.append({"kl": kl, "gold": gold[rows, pick].mean().item(), "proxy": proxy[rows, pick].mean().item()})
+            kl, picked_gold, picked_proxy = math.log(n) - (n - 1) / n, gold[rows, pick], proxy[rows, pick]
+            shown = [texts[i * n_max + pick[i]] for i in range(min(SHOWN, len(pick)))]
+            self.add("best-of-N", f"N={n}", 0, {"gold_score": picked_gold.mean().item(), "kl_bound": kl,
+                                                 "gold_score_std": picked_gold.std().item(),
+                                                 "rm_score": picked_proxy.mean().item(), "samples": shown})
+            curve.append({"kl": kl, "gold": picked_gold.mean().item(), "proxy": picked_proxy.mean().item()})
         self.curves["best-of-N"] = curve
 
     def ppo(self, rm: RewardModel | None, kl_coef: float, seed: int, steps: int, name: str) -> dict:
         c = self.cfg
         torch.manual_seed(seed)
         ac = ActorCritic(PaLM.load(self.init), lora=LoRAConfig(r=c.lora_r))
-        reward = rm if rm is not None else judge_reward(self.judge)
+        reward = rm if rm is not None else judge_reward(self.judge)  # a model, or the judge as a function
         cfg = PPOConfig(steps=steps, lr=5e-4, prompts_per_iter=16, minibatch_size=8, ppo_epochs=4,
                         max_new_tokens=c.response_len, kl_coef=kl_coef, adaptive_kl=False, eval_prompts=2,
                         best_of=0, seed=seed, quiet=self.quiet, critic_from_reward=rm is not None,
                         normalize_reward=rm is None,  # a judge's sparse scores (mostly 0): measured in README
                         checkpoint_interval=max(steps, 1), checkpoint_dir=str(self.out / "runs" / f"{name}-s{seed}"))
         summary = PPOTrainer(ac, reward, self.prompts, cfg, gold_fn=self.judge).train()
-        result = self.evaluate(ac, rm.score if rm is not None else judge_reward(self.judge), seed)
+        result = self.evaluate(ac, reward_function(reward), seed)
         return {"result": result, "history": summary["history"]}
 
     def dpo(self, train: Path, val: Path, beta: float, seed: int) -> dict:
@@ -245,8 +247,8 @@ class Frontier:
                  "|---|---|---|---|---|---|"]
         for r in report["table"]:
             kl = f"{r['kl']:.2f} (bound)" if r["method"] == "best-of-N" else f"{r['kl']:.2f} ± {r['kl_seed_sd']:.2f}"
-            lines.append(f"| {r['method']} | {r['setting']} | {r['seeds']} | {r['gold']:.3f} ± {r['gold_seed_sd']:.3f} "
-                         f"| {r['gain_sd']:+.2f} | {kl} |")
+            lines.append(f"| {r['method']} | {r['setting']} | {r['seeds']} | {r['gold']:.3f} ± "
+                         f"{r['gold_seed_sd']:.3f} | {r['gain_sd']:+.2f} | {kl} |")
         lines += ["", f"What each method writes (seed 0, the first {SHOWN} held-out prompts):", ""]
         prompts = [decode_bytes(p.tolist()) for p in self.eval_set[:SHOWN]]
         for p in self.points:

@@ -180,7 +180,8 @@ class RewardTrainer(GradientTrainer):
                                                              config.val_fraction)
         self.gold_labels = None  # which response the gold judge prefers, for each held-out pair, and by how much
         if exists(gold_fn) and self.pairwise:
-            gold = torch.tensor([[gold_fn(ex["chosen"]), gold_fn(ex["rejected"])] for ex in val_ex], dtype=torch.float64)
+            gold = torch.tensor([[gold_fn(ex["chosen"]), gold_fn(ex["rejected"])] for ex in val_ex],
+                                dtype=torch.float64)
             self.gold_labels, self.gold_gaps = gold[:, 0] > gold[:, 1], (gold[:, 0] - gold[:, 1]).abs()
             self.gold_correct = None
         if self.pairwise:

@@ -26,9 +26,10 @@ def test_frontier_runs_every_method(tmp_path, text_file):
     assert (tmp_path / "f" / "frontier.png").is_file() and "| DPO | beta=0.1 | 2 |" in md
     assert all(len(p["samples"]) == 3 for p in report["points"]) and "- DPO beta=0.1:" in md
     # again from the same pairs and reward model, given as files: the same reward-model accuracy, nothing retrained
+    given = tmp_path / "f"
     again = main(["--init", str(tmp_path / "base"), "--data", str(text_file), "--out", str(tmp_path / "g"),
-                  "--judge", "prose", "--eval-prompts", "4", "--train", str(tmp_path / "f" / "data" / "train.jsonl"),
-                  "--val", str(tmp_path / "f" / "data" / "val.jsonl"), "--reward", str(tmp_path / "f" / "reward" / "model"),
+                  "--judge", "prose", "--eval-prompts", "4", "--train", str(given / "data" / "train.jsonl"),
+                  "--val", str(given / "data" / "val.jsonl"), "--reward", str(given / "reward" / "model"),
                   "--best-of", "1", "--ppo-kl-coefs", "0.05", "--ppo-steps", "1", "--long-ppo-steps", "0",
                   "--dpo-betas", "0.1", "--dpo-steps", "1", "--seeds", "1", "--prompt-len", "8", "--response-len", "8",
                   "--lora-r", "2"])
