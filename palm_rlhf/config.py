@@ -74,7 +74,8 @@ class FeedbackConfig(TrainConfig):
     warmup: int = 20
     eval_interval: int = 50
     checkpoint_interval: int = 100
-    max_len: int = option(256, "prompt + response tokens; longer responses are cut, longer prompts dropped")
+    max_len: int = option(256, "prompt + response tokens (at most the model's max_seq_len); longer responses are cut, "
+                                  "longer prompts dropped")
     val_fraction: float = option(0.1, "held out from the training file when no held-out file is given")
 
     def __post_init__(self):

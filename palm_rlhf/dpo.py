@@ -97,8 +97,9 @@ class DPOTrainer(GradientTrainer):
                  val: list[dict] | str | Path | None = None, gold_fn: Judge | None = None, accelerator=None,
                  metadata=None):
         config = config if exists(config) else DPOConfig()
+        max_len = min(config.max_len, policy.palm.config.max_seq_len)
         _, self.train_set, self.val_set = load_examples(train, val, load_preferences, ("chosen", "rejected"),
-                                                        config.max_len, config.val_fraction)
+                                                        max_len, config.val_fraction)
         super().__init__(policy, config, accelerator=accelerator, metadata=metadata)
         self.policy, self.gold_fn = policy, gold_fn
         # the reference's log-probs of (chosen, rejected) for each training / held-out pair; nan until first needed

@@ -176,8 +176,8 @@ class RewardTrainer(GradientTrainer):
             raise ValueError(f"RewardConfig(pool={config.pool!r}) needs RewardModel(..., pool={config.pool!r}); this "
                              f"one has pool={model.pool!r}")
         loader, keys = (load_preferences, ("chosen", "rejected")) if self.pairwise else (load_ratings, ("response",))
-        val_ex, self.train_set, self.val_set = load_examples(train, val, loader, keys, config.max_len,
-                                                             config.val_fraction)
+        max_len = min(config.max_len, model.palm.config.max_seq_len)
+        val_ex, self.train_set, self.val_set = load_examples(train, val, loader, keys, max_len, config.val_fraction)
         self.gold_labels = None  # which response the gold judge prefers, for each held-out pair, and by how much
         if exists(gold_fn) and self.pairwise:
             gold = torch.tensor([[gold_fn(ex["chosen"]), gold_fn(ex["rejected"])] for ex in val_ex],

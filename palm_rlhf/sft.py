@@ -37,8 +37,9 @@ class SFTTrainer(GradientTrainer):
     def __init__(self, model: PaLM, train: list[dict] | str | Path, config: SFTConfig | None = None, *,
                  val: list[dict] | str | Path | None = None, accelerator=None, metadata=None):
         config = config if exists(config) else SFTConfig()
-        _, self.train_set, self.val_set = load_examples(train, val, load_demonstrations, ("response",),
-                                                        config.max_len, config.val_fraction)
+        max_len = min(config.max_len, model.config.max_seq_len)
+        _, self.train_set, self.val_set = load_examples(train, val, load_demonstrations, ("response",), max_len,
+                                                        config.val_fraction)
         if config.lora.enabled:
             add_trainable_lora(model, "sft", config.lora)
             set_lora(model, "sft")
