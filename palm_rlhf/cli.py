@@ -27,6 +27,7 @@ from .demo import PreferenceTaskConfig, make_preference_files
 from .dpo import DPOConfig, DPOTrainer
 from .feedback import load_prompts_file
 from .judges import JUDGES, judge_reward, load_judge
+from .label import FileCandidates, LabelConfig, LabelStore, SampledCandidates, reward_scorer, serve
 from .lora import LoRAConfig
 from .palm import PRESETS, PaLM, PaLMConfig
 from .policy import ActorCritic, Policy
@@ -175,6 +176,26 @@ def dpo(args) -> dict:
     return trainer.train(resume=args.resume)
 
 
+def label(args) -> dict:
+    cfg = config_from_args(LabelConfig, args)
+    store = LabelStore(args.out, overlap=cfg.overlap, lease_s=cfg.lease_s, seed=cfg.seed)
+    if args.export:
+        summary = store.export()
+        print(f"{summary['pairs']} pairs and {summary['rankings']} rankings -> {summary['preferences']}; "
+              f"{summary['demonstrations']} demonstrations -> {summary['demos']}; left out: {summary['left_out']}")
+        return summary
+    if (args.init is None) == (args.candidates is None) or (args.init is not None) != (args.prompts is not None):
+        raise CLIError("give --init CKPT --prompts FILE (responses sampled from a model) or --candidates FILE "
+                       "(responses written elsewhere), or --export")
+    if args.candidates:
+        source = FileCandidates(args.candidates, cfg)
+    else:
+        device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+        source = SampledCandidates(PaLM.load(args.init).to(device), load_prompts_file(args.prompts), cfg)
+    score = reward_scorer(RewardModel.load(args.reward)) if args.reward else None
+    return serve(store, source, cfg, host=args.host, port=args.port, token=args.token, score=score)
+
+
 def gold_judge(args):
     return load_judge(args.gold) if args.gold else None
 
@@ -313,6 +334,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, LoRAConfig, prefix="lora_")
     add_config_args(p, PPOConfig)
 
+    p = stage("label", "human feedback: a web page to compare, rank and write responses; exports what reward and sft "
+                       "take")
+    p.add_argument("--init", default=None, help="model whose samples are labelled (with --prompts)")
+    p.add_argument("--prompts", default=None, help='JSONL of {"prompt": ...} to sample responses for')
+    p.add_argument("--candidates", default=None,
+                   help='instead of a model: JSONL of {"prompt": ..., "responses": [...]} written by any system')
+    p.add_argument("--out", default="feedback", help="folder of the labelling session's logs and exports")
+    p.add_argument("--reward", default=None, help="a reward model whose agreement with the labels the stats show")
+    p.add_argument("--export", action="store_true", help="only write --out's export files from its logs, and exit")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (other than loopback needs --token)")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on")
+    p.add_argument("--token", default=None, help="a shared secret every request must carry (the URL's ?token=)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    add_config_args(p, LabelConfig)
+
     p = stage("sample", "generate from any stage's model: --prompt TEXT, or an interactive prompt loop")
     p.add_argument("--init", required=True, help="checkpoint or model folder (pretrain, SFT, reward trunk, PPO policy)")
     p.add_argument("--prompt", default=None, help="the prompt (escapes like \\n work); none: read prompts from stdin")
@@ -322,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"pretrain": pretrain, "make-preferences": make_preferences, "sft": sft, "reward": reward, "ppo": ppo,
-            "dpo": dpo, "sample": sample}
+            "dpo": dpo, "label": label, "sample": sample}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -351,7 +387,7 @@ def run(argv: list[str] | None = None) -> None:
         main(argv)
     except KeyboardInterrupt:
         again = argv if "--resume" in argv else [*argv, "--resume", "auto"]
-        trains = not argv or argv[0] not in ("sample", "make-preferences")
+        trains = not argv or argv[0] not in ("sample", "make-preferences", "label")
         print("\nstopped; nothing half-written was saved." + (
             f" Continue with: python train.py {' '.join(again)}" if trains else ""), file=sys.stderr)
         code = 130
