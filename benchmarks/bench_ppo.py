@@ -1,5 +1,6 @@
-"""PPO throughput: rollout + learn samples/s and peak memory, ours vs the anchor, side by side in one run; and DPO's
-preference pairs/s on the same model beside them (no sampling, two sequences per pair).
+"""PPO throughput: rollout + learn samples/s and peak memory, ours vs the anchor, side by side in one run; beside
+them on the same model: GRPO and RLOO (no critic; 2 prompts x a group of 8 = the same 16 samples per step) and
+DPO's preference pairs/s (no sampling, two sequences per pair).
 
     python benchmarks/bench_ppo.py                                   # ours only
     python benchmarks/bench_ppo.py --anchor-path /tmp/anchor_site    # + palm-rlhf-pytorch 0.8.0 (RLHFTrainer)
@@ -45,6 +46,27 @@ def run_ours(iterations: int, epochs: int, minibatch: int) -> dict:
     for i in range(iterations):
         stats = trainer.step(prompts(i + 1))
         rollout += stats["rollout_s"]
+    elapsed = time.perf_counter() - t
+    return {"samples_per_s": 16 * iterations / elapsed, "seconds": elapsed, "samples": 16 * iterations,
+            "rollout_share": rollout / elapsed, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_group(iterations: int, algo: str) -> dict:
+    from palm_rlhf import (GRPOConfig, GRPOTrainer, LoRAConfig, PaLM, PaLMConfig, Policy, RewardModel, RLOOConfig,
+                           RLOOTrainer)
+    torch.manual_seed(0)
+    config = PaLMConfig(**SIZE, max_seq_len=1024)
+    rm = RewardModel(PaLM(config), lora=LoRAConfig(r=8))
+    trainer_cls, config_cls = (GRPOTrainer, GRPOConfig) if algo == "grpo" else (RLOOTrainer, RLOOConfig)
+    trainer = trainer_cls(Policy(PaLM(config), lora=LoRAConfig(r=8)), rm, config=config_cls(
+        prompts_per_iter=2, group_size=8, max_new_tokens=64, minibatch_size=16, lr=1e-4, cpu=True))
+    prompts = lambda i: [torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(i * 100 + j))  # noqa
+                         for j in range(2)]
+    trainer.step(prompts(0))  # warm-up
+    t = time.perf_counter()
+    rollout = 0.0
+    for i in range(iterations):
+        rollout += trainer.step(prompts(i + 1))["rollout_s"]
     elapsed = time.perf_counter() - t
     return {"samples_per_s": 16 * iterations / elapsed, "seconds": elapsed, "samples": 16 * iterations,
             "rollout_share": rollout / elapsed, "peak_rss_mb": peak_rss_mb()}
@@ -112,8 +134,13 @@ def main():
     if args.child == "dpo":
         print(json.dumps(run_dpo(args.iterations)))
         return
+    if args.child in ("grpo", "rloo"):
+        print(json.dumps(run_group(args.iterations, args.child)))
+        return
     rows = {"palm-rlhf, 1 epoch, minibatch 16": child("ours", args),
             "palm-rlhf, defaults (4 epochs, minibatch 8)": child("ours4", args),
+            "palm-rlhf GRPO (no critic), 2 prompts x 8, 1 epoch, minibatch 16": child("grpo", args),
+            "palm-rlhf RLOO (no critic), 2 prompts x 8, 1 epoch, minibatch 16": child("rloo", args),
             "palm-rlhf DPO (samples = preference pairs), batch 16": child("dpo", args)}
     if args.anchor_path:
         rows["palm-rlhf-pytorch 0.8.0 RLHFTrainer, 1 epoch, minibatch 16"] = child("anchor", args)

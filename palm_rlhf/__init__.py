@@ -8,6 +8,7 @@ from .data import load_corpus, prompt_sampler
 from .lora import LoRAConfig, add_lora, merge_lora, set_lora, use_lora
 from .palm import PRESETS, PaLM, PaLMConfig, next_token_loss
 from .dpo import DPOConfig, DPOTrainer
+from .grpo import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from .judges import JUDGES, load_judge
 from .policy import ActorCritic, Policy
 from .ppo import PPOConfig, PPOTrainer
@@ -22,4 +23,5 @@ __all__ = ["PaLM", "PaLMConfig", "PRESETS", "next_token_loss", "attend", "set_ba
            "generate", "load", "LoRAConfig", "add_lora", "merge_lora", "set_lora", "use_lora", "RewardModel",
            "ActorCritic", "RunConfig", "TrainConfig", "PretrainConfig", "PretrainTrainer", "SFTConfig", "SFTTrainer",
            "RewardConfig", "RewardTrainer", "PPOConfig", "PPOTrainer", "NonFiniteError", "ConfigError", "load_corpus",
-           "prompt_sampler", "Policy", "DPOConfig", "DPOTrainer", "JUDGES", "load_judge"]
+           "prompt_sampler", "Policy", "DPOConfig", "DPOTrainer", "JUDGES", "load_judge", "GRPOConfig",
+           "GRPOTrainer", "RLOOConfig", "RLOOTrainer"]

@@ -31,6 +31,7 @@ from .label import FileCandidates, LabelConfig, LabelStore, SampledCandidates, r
 from .lora import LoRAConfig
 from .palm import PRESETS, PaLM, PaLMConfig
 from .policy import ActorCritic, Policy
+from .grpo import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from .ppo import PPOConfig, PPOTrainer
 from .pretrain import PretrainConfig, PretrainTrainer
 from .reward import RewardConfig, RewardModel, RewardTrainer
@@ -155,16 +156,22 @@ def reward(args) -> dict:
     return trainer.train(resume=args.resume)
 
 
-def ppo(args) -> dict:
-    cfg, lora = config_from_args(PPOConfig, args), config_from_args(LoRAConfig, args, prefix="lora_")
+ONLINE = {"ppo": (PPOConfig, PPOTrainer, ActorCritic), "grpo": (GRPOConfig, GRPOTrainer, Policy),
+          "rloo": (RLOOConfig, RLOOTrainer, Policy)}
+
+
+def online_rl(args) -> dict:
+    """ppo, grpo, rloo: a policy (+ critic for PPO) trained online against a reward model or a reward function."""
+    config_cls, trainer_cls, policy_cls = ONLINE[args.stage]
+    cfg, lora = config_from_args(config_cls, args), config_from_args(LoRAConfig, args, prefix="lora_")
     if (args.reward is None) == (args.reward_fn is None):
         raise CLIError("give one reward: --reward RM (a reward model) or --reward-fn JUDGE (a function of the text)")
     torch.manual_seed(cfg.seed)  # adapter initialisation
-    actor_critic = ActorCritic(PaLM.load(args.init), lora=lora)
+    policy = policy_cls(PaLM.load(args.init), lora=lora)
     reward = RewardModel.load(args.reward) if args.reward else judge_reward(load_judge(args.reward_fn))
     prompts = (load_prompts_file(args.prompts) if args.prompts else
                prompt_sampler(load_corpus(args.data, data_dir=args.data_dir), args.prompt_len))
-    trainer = PPOTrainer(actor_critic, reward, prompts, cfg, gold_fn=gold_judge(args), metadata=inputs(args))
+    trainer = trainer_cls(policy, reward, prompts, cfg, gold_fn=gold_judge(args), metadata=inputs(args))
     return trainer.train(resume=args.resume)
 
 
@@ -320,19 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
             add_config_args(p, LoRAConfig, prefix="lora_")
         add_config_args(p, config)
 
-    p = stage("ppo", "RLHF: PPO against a frozen reward model (or function), KL-penalised to the reference policy")
-    p.add_argument("--init", required=True, help="the policy to start from: actor, reference and critic")
-    p.add_argument("--reward", default=None, help="reward model (train.py reward's checkpoint or model folder)")
-    p.add_argument("--reward-fn", default=None, metavar="JUDGE",
-                   help=f"a reward function of the response text instead of a model: {', '.join(JUDGES)} or "
-                        f"module:function (text -> float)")
-    p.add_argument("--prompts", default=None, help='JSONL of {"prompt": ...}; default: windows of --data')
-    data_args(p)
-    p.add_argument("--prompt-len", type=int, default=32, help="window length when prompts come from --data")
-    p.add_argument("--gold", nargs="?", const="prose", default=None, metavar="JUDGE", help=gold)
-    p.add_argument("--resume", default=None, help=resume)
-    add_config_args(p, LoRAConfig, prefix="lora_")
-    add_config_args(p, PPOConfig)
+    for name, help in (("ppo", "RLHF: PPO against a frozen reward model (or function), KL-penalised to the reference "
+                               "policy"),
+                       ("grpo", "critic-free RL: GRPO (group-normalised advantages, k3 KL in the loss)"),
+                       ("rloo", "critic-free RL: RLOO (leave-one-out baseline, KL folded into the reward)")):
+        p = stage(name, help)
+        p.add_argument("--init", required=True, help="the policy to start from (and its reference)")
+        p.add_argument("--reward", default=None, help="reward model (train.py reward's checkpoint or model folder)")
+        p.add_argument("--reward-fn", default=None, metavar="JUDGE",
+                       help=f"a reward function of the response text instead of a model: {', '.join(JUDGES)} or "
+                            f"module:function (text -> float)")
+        p.add_argument("--prompts", default=None, help='JSONL of {"prompt": ...}; default: windows of --data')
+        data_args(p)
+        p.add_argument("--prompt-len", type=int, default=32, help="window length when prompts come from --data")
+        p.add_argument("--gold", nargs="?", const="prose", default=None, metavar="JUDGE", help=gold)
+        p.add_argument("--resume", default=None, help=resume)
+        add_config_args(p, LoRAConfig, prefix="lora_")
+        add_config_args(p, ONLINE[name][0])
 
     p = stage("label", "human feedback: a web page to compare, rank and write responses; exports what reward and sft "
                        "take")
@@ -357,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"pretrain": pretrain, "make-preferences": make_preferences, "sft": sft, "reward": reward, "ppo": ppo,
+COMMANDS = {"pretrain": pretrain, "make-preferences": make_preferences, "sft": sft, "reward": reward,
+            "ppo": online_rl, "grpo": online_rl, "rloo": online_rl,
             "dpo": dpo, "label": label, "sample": sample}
 
 

@@ -54,7 +54,7 @@ def test_bench_attention_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_bench_ppo_ours(tmp_path):
-    """Both of our PPO rows and the DPO row (the anchor needs a separate install and is left out)."""
+    """Both of our PPO rows, GRPO, RLOO and DPO (the anchor needs a separate install and is left out)."""
     d = run(tmp_path, "bench_ppo.py", "--iterations", "1")
-    assert len(d["ppo"]) == 3
-    assert positive_numbers(d["ppo"], "samples_per_s", "peak_rss_mb") == 6
+    assert len(d["ppo"]) == 5
+    assert positive_numbers(d["ppo"], "samples_per_s", "peak_rss_mb") == 10

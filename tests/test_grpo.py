@@ -1,0 +1,114 @@
+"""GRPO and RLOO: advantages and loss normalisations by hand, the invariants (ratio exactly 1 on the first pass,
+KL 0 at the start), the toy 'e' task learnt by both, resume == uninterrupted through the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from palm_rlhf import LoRAConfig, PaLM, Policy, cli
+from palm_rlhf.grpo import (GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer, clipped_surrogate, group_advantages,
+                            k3_kl, token_mean)
+from palm_rlhf.utils import ConfigError
+
+from test_ppo import base, count_reward, prompts  # noqa: F401  (the 'test' PaLM pretrained 40 steps; the toy task)
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])       # two groups of 4; the second all equal
+    mean1, std1, std_all = 3.0, torch.tensor([1.0, 2.0, 3.0, 6.0]).std().item(), r.std().item()
+    none = torch.tensor([-2.0, -1.0, 0.0, 3.0, 0, 0, 0, 0])
+    torch.testing.assert_close(group_advantages(r, 4, scale="none"), none)
+    torch.testing.assert_close(group_advantages(r, 4, scale="batch"), none / (std_all + 1e-6))
+    group = torch.cat((none[:4] / (std1 + 1e-6), torch.zeros(4)))      # equal rewards: 0, not 0/0
+    torch.testing.assert_close(group_advantages(r, 4, scale="group"), group)
+    loo = torch.tensor([r[i] - (r[(i // 4) * 4:(i // 4) * 4 + 4].sum() - r[i]) / 3 for i in range(8)])
+    torch.testing.assert_close(group_advantages(r, 4, leave_one_out=True, scale="none"), loo)
+    assert mean1 == r[:4].mean()
+    flat = group_advantages(torch.full((6,), 0.3), 3, scale="group")
+    assert torch.equal(flat, torch.zeros(6)) and not flat.isnan().any()
+    assert not group_advantages(torch.zeros(6), 3, scale="batch").isnan().any()
+
+
+def test_loss_normalisations_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]).bool()
+    assert token_mean(x, mask, "sequence", 4).item() == pytest.approx((10 / 4 + 30 / 2) / 2)
+    assert token_mean(x, mask, "token", 4).item() == pytest.approx(40 / 6)
+    assert token_mean(x, mask, "constant", 4).item() == pytest.approx(40 / 8)
+    full = torch.ones_like(mask)                                          # fixed-length responses: all three agree
+    assert len({round(token_mean(x, full, t, 4).item(), 6) for t in ("sequence", "token", "constant")}) == 1
+
+
+def test_k3_and_the_asymmetric_clip_by_hand():
+    lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -2.0]])
+    kl = k3_kl(lp, ref)
+    assert kl[0, 0].item() == pytest.approx(math.exp(-0.5) + 0.5 - 1) and kl[0, 1].item() == 0
+    old = torch.zeros(2, 1)
+    new = torch.log(torch.tensor([[1.5], [0.5]]))                        # ratios 1.5 and 0.5
+    loss, clipped = clipped_surrogate(new, old, torch.tensor([1.0, -1.0]), clip_low=0.2, clip_high=0.28)
+    assert loss[0, 0].item() == pytest.approx(-1.28)                      # A > 0: capped at 1 + clip_high
+    assert loss[1, 0].item() == pytest.approx(0.8)                        # A < 0: capped at 1 - clip_low
+    assert clipped.all()
+
+
+def make(base, cls=GRPOTrainer, lora_r=8, **cfg):
+    torch.manual_seed(0)
+    config_cls = GRPOConfig if cls is GRPOTrainer else RLOOConfig
+    defaults = dict(prompts_per_iter=4, group_size=4, minibatch_size=8, max_new_tokens=12, lr=1e-2, seed=0)
+    return cls(Policy(PaLM.load(base), lora=LoRAConfig(r=lora_r)), count_reward,
+               config=config_cls(**{**defaults, **cfg}))
+
+
+@pytest.mark.parametrize("cls", [GRPOTrainer, RLOOTrainer])
+def test_first_pass_ratio_is_one_and_kl_zero(base, cls):  # noqa: F811
+    trainer = make(base, cls, epochs=2)
+    memory = trainer.rollout(prompts(4))
+    assert memory["seq_kl"].abs().max() == 0                             # fresh LoRA: policy == reference
+    assert memory["advantages"].view(4, 4).sum(1).abs().max() < 1e-5     # a baseline from the group: sums to 0
+    stats = trainer.learn(memory)
+    assert stats["first_ratio_max_dev"] == 0.0
+
+
+@pytest.mark.parametrize("cls,extra", [(GRPOTrainer, {}), (RLOOTrainer, {}),
+                                       (GRPOTrainer, {"scale_rewards": "group", "loss_type": "sequence",
+                                                      "clip_high": 0.28, "kl_coef": 0.0})])
+def test_toy_task_reward_rises(base, cls, extra):  # noqa: F811
+    """Reward = share of 'e' bytes: a few iterations must raise it clearly (full fine-tuning, as PPO's test)."""
+    trainer = make(base, cls, lora_r=0, lr=3e-3, max_new_tokens=24, prompts_per_iter=4, group_size=8,
+                   minibatch_size=16, epochs=2, kl_coef=extra.pop("kl_coef", 0.01), **extra)
+    held_out = prompts(32, seed=99)
+    start = trainer.evaluate_policy(held_out)["rm_score"]
+    for it in range(12):
+        trainer.step(prompts(4, seed=it))
+    end = trainer.evaluate_policy(held_out)
+    assert end["rm_score"] > start + 0.15 and end["rm_score"] > 3 * start, (start, end)
+    assert end["kl"] > 0
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ConfigError, match="group_size"):
+        GRPOConfig(group_size=1)
+    with pytest.raises(ConfigError, match="minibatch_size"):
+        GRPOConfig(prompts_per_iter=3, group_size=3, minibatch_size=2)
+    with pytest.raises(ConfigError, match="scale_rewards"):
+        RLOOConfig(scale_rewards="sometimes")
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_cli_resume_equals_uninterrupted(base, tmp_path, text_file, stage):  # noqa: F811
+    args = lambda out, *extra: [stage, "--init", str(base), "--reward-fn", "prose", "--data", str(text_file),  # noqa
+                                "--prompt-len", "8", "--prompts-per-iter", "2", "--group-size", "4",
+                                "--minibatch-size", "4", "--max-new-tokens", "8", "--eval-prompts", "4",
+                                "--best-of", "2", "--gold", "--checkpoint-dir", str(tmp_path / out), "--quiet",
+                                "--checkpoint-interval", "1", "--steps", "4", *extra]
+    full = cli.main(args("full"))
+    cli.main(args("cut", "--stop-after", "2"))
+    rest = cli.main(args("cut", "--resume", "auto"))
+    keys = ("rm_score", "kl", "policy_loss", "k3_kl")
+    first_two = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[:2]]
+    assert [[r[k] for k in keys] for r in first_two + rest["history"]] == [[r[k] for k in keys] for r in full["history"]]
+    assert full["results"] == rest["results"]
+    assert (tmp_path / "full" / f"{stage}.png").is_file() and (tmp_path / "full" / "model").is_dir()
+    assert "gold_gain_in_std" in json.loads((tmp_path / "full" / "eval.json").read_text())
