@@ -37,7 +37,7 @@ from .config import RunConfig
 from .judges import Judge, judge_texts
 from .metrics import save_plot
 from .policy import Policy
-from .rollout import OnlineRLTrainer, response_logprobs, sample, score
+from .rollout import OnlineRLTrainer, gold_panels, response_logprobs, sample, score
 from .training import clip_gradients
 from .utils import exists, option, require
 
@@ -234,16 +234,10 @@ class GroupTrainer(OnlineRLTrainer):
         return out
 
     def plot(self, path):
-        steps = self.log.series("kl")[0]
-        level = lambda value: (steps, [value] * len(steps))  # noqa: E731
         panels = {"reward": {"rollouts": self.log.series("rm_score")},
                   "KL to reference (nats/response)": {"rollouts": self.log.series("kl")},
                   "groups with equal rewards": {"rollouts": self.log.series("flat_groups")}}
-        if "gold_score" in (self.before or {}):
-            panels["gold score"] = {"rollouts": self.log.series("gold_score"),
-                                    "reference (held-out)": level(self.before["gold_score"]),
-                                    "reference + 1 sd": level(self.before["gold_score"] + self.before["gold_score_std"])}
-        return save_plot(path, panels, title=self.stage.upper())
+        return save_plot(path, {**panels, **gold_panels(self.log, self.before)}, title=self.stage.upper())
 
 
 class GRPOTrainer(GroupTrainer):

@@ -32,7 +32,7 @@ from .config import RunConfig
 from .metrics import save_plot
 from .policy import ActorCritic
 from .judges import Judge, judge_texts
-from .rollout import OnlineRLTrainer, entropy, response_logprobs, sample, score
+from .rollout import OnlineRLTrainer, entropy, gold_panels, response_logprobs, sample, score
 from .training import clip_gradients
 from .utils import exists, masked_mean, masked_whiten, option, require
 
@@ -354,8 +354,4 @@ def ppo_plot(path, log, before: dict, config: PPOConfig):
     panels = {"reward-model score": {"rollouts": log.series("rm_score")},
               "KL to reference (nats/response)": {"rollouts": log.series("kl"), **(
                   {"target": level(config.target_kl)} if config.adaptive_kl else {})}}
-    if "gold_score" in before:
-        panels["gold score"] = {"rollouts": log.series("gold_score"),
-                                "reference (held-out)": level(before["gold_score"]),
-                                "reference + 1 sd": level(before["gold_score"] + before["gold_score_std"])}
-    return save_plot(path, panels, title="PPO")
+    return save_plot(path, {**panels, **gold_panels(log, before)}, title="PPO")

@@ -220,6 +220,17 @@ class OnlineRLTrainer(Trainer):
         self.before = state["before"]
 
 
+def gold_panels(log, before: dict | None) -> dict:
+    """The plot panel of the gold score during training beside the reference's held-out level and that level plus
+    one standard deviation (empty without a gold judge)."""
+    if "gold_score" not in (before or {}):
+        return {}
+    steps = log.series("gold_score")[0]
+    level = lambda value: (steps, [value] * len(steps))  # noqa: E731
+    return {"gold score": {"rollouts": log.series("gold_score"), "reference (held-out)": level(before["gold_score"]),
+                           "reference + 1 sd": level(before["gold_score"] + before["gold_score_std"])}}
+
+
 def results_table(results: dict[str, dict], keys: list[str]) -> list[str]:
     """Markdown rows: one policy per row, mean ± sd over prompts per key (a bound where only that is known)."""
     lines = [f"| policy | {' | '.join(keys)} |", "|---" * (len(keys) + 1) + "|"]

@@ -53,7 +53,7 @@ def test_k3_and_the_asymmetric_clip_by_hand():
     assert clipped.all()
 
 
-def make(base, cls=GRPOTrainer, lora_r=8, **cfg):
+def make(base, cls=GRPOTrainer, lora_r=8, **cfg):  # noqa: F811
     torch.manual_seed(0)
     config_cls = GRPOConfig if cls is GRPOTrainer else RLOOConfig
     defaults = dict(prompts_per_iter=4, group_size=4, minibatch_size=8, max_new_tokens=12, lr=1e-2, seed=0)
@@ -108,7 +108,8 @@ def test_cli_resume_equals_uninterrupted(base, tmp_path, text_file, stage):  # n
     rest = cli.main(args("cut", "--resume", "auto"))
     keys = ("rm_score", "kl", "policy_loss", "k3_kl")
     first_two = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[:2]]
-    assert [[r[k] for k in keys] for r in first_two + rest["history"]] == [[r[k] for k in keys] for r in full["history"]]
+    values = lambda rows: [[r[k] for k in keys] for r in rows]  # noqa: E731
+    assert values(first_two + rest["history"]) == values(full["history"])
     assert full["results"] == rest["results"]
     assert (tmp_path / "full" / f"{stage}.png").is_file() and (tmp_path / "full" / "model").is_dir()
     assert "gold_gain_in_std" in json.loads((tmp_path / "full" / "eval.json").read_text())
