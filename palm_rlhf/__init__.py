@@ -9,6 +9,7 @@ from .lora import LoRAConfig, add_lora, merge_lora, set_lora, use_lora
 from .palm import PRESETS, PaLM, PaLMConfig, next_token_loss
 from .dpo import DPOConfig, DPOTrainer
 from .grpo import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+from .ilql import ILQLConfig, ILQLModel, ILQLSampler, ILQLTrainer
 from .judges import JUDGES, load_judge
 from .policy import ActorCritic, Policy
 from .ppo import PPOConfig, PPOTrainer
@@ -24,4 +25,4 @@ __all__ = ["PaLM", "PaLMConfig", "PRESETS", "next_token_loss", "attend", "set_ba
            "ActorCritic", "RunConfig", "TrainConfig", "PretrainConfig", "PretrainTrainer", "SFTConfig", "SFTTrainer",
            "RewardConfig", "RewardTrainer", "PPOConfig", "PPOTrainer", "NonFiniteError", "ConfigError", "load_corpus",
            "prompt_sampler", "Policy", "DPOConfig", "DPOTrainer", "JUDGES", "load_judge", "GRPOConfig",
-           "GRPOTrainer", "RLOOConfig", "RLOOTrainer"]
+           "GRPOTrainer", "RLOOConfig", "RLOOTrainer", "ILQLConfig", "ILQLModel", "ILQLSampler", "ILQLTrainer"]

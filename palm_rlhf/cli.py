@@ -26,6 +26,7 @@ from .data import DATASETS, encode_text, load_corpus, prompt_sampler
 from .demo import PreferenceTaskConfig, make_preference_files
 from .dpo import DPOConfig, DPOTrainer
 from .feedback import load_prompts_file
+from .ilql import ILQLConfig, ILQLModel, ILQLTrainer
 from .judges import JUDGES, judge_reward, load_judge
 from .label import FileCandidates, LabelConfig, LabelStore, SampledCandidates, reward_scorer, serve
 from .lora import LoRAConfig
@@ -203,6 +204,14 @@ def label(args) -> dict:
     return serve(store, source, cfg, host=args.host, port=args.port, token=args.token, score=score)
 
 
+def ilql(args) -> dict:
+    cfg, lora = config_from_args(ILQLConfig, args), config_from_args(LoRAConfig, args, prefix="lora_")
+    torch.manual_seed(cfg.seed)  # adapter and head initialisation
+    model = ILQLModel(PaLM.load(args.init), lora=lora)
+    trainer = ILQLTrainer(model, args.train, cfg, val=args.val, gold_fn=gold_judge(args), metadata=inputs(args))
+    return trainer.train(resume=args.resume)
+
+
 def gold_judge(args):
     return load_judge(args.gold) if args.gold else None
 
@@ -316,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                                ("reward", "reward model from preferences (Bradley-Terry), ratings (bins) or "
                                           "regression", RewardConfig),
                                ("dpo", "direct preference optimisation (DPO / IPO) of a policy on preference pairs",
-                                DPOConfig)):
+                                DPOConfig),
+                               ("ilql", "offline RL (ILQL) on scored responses {prompt, response, reward}: Q and V "
+                                        "heads that steer sampling", ILQLConfig)):
         p = stage(name, help)
         p.add_argument("--init", required=True, help="the model to start from (pretrain or SFT checkpoint/model)")
         p.add_argument("--train", required=True, help="JSONL file (formats: palm_rlhf/feedback.py, README)")
@@ -370,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"pretrain": pretrain, "make-preferences": make_preferences, "sft": sft, "reward": reward,
             "ppo": online_rl, "grpo": online_rl, "rloo": online_rl,
-            "dpo": dpo, "label": label, "sample": sample}
+            "dpo": dpo, "ilql": ilql, "label": label, "sample": sample}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,6 +5,7 @@ Formats, one JSON object per line:
     pairs            {"prompt": str, "chosen": str, "rejected": str}       (TRL / Hugging Face style)
     ranked lists     {"prompt": str, "responses": [str, ...]}              best first; becomes all pairs
     ratings          {"prompt": str, "response": str, "rating": number}    for bin / regression reward models
+    scored           {"prompt": str, "response": str, "reward": number}    offline RL (ILQL); "rating" reads too
     prompts          {"prompt": str}                                        for PPO
 
 Text becomes tokens through `tokenizer` (default: UTF-8 bytes, 256 tokens, the same as enwik8 pretraining).
@@ -88,17 +89,23 @@ def load_prompts_file(path) -> list[str]:
     return [_text(r, "prompt", f"{path}:{n}") for n, r in _read_jsonl(path)]
 
 
-def load_ratings(path) -> list[dict]:
-    """[{"prompt", "response", "rating"}] with numeric ratings."""
+def load_ratings(path, keys: tuple[str, ...] = ("rating",)) -> list[dict]:
+    """[{"prompt", "response", "rating"}] with numeric ratings (read from the first of `keys` a row has)."""
     out = []
     for n, r in _read_jsonl(path):
         where = f"{path}:{n}"
-        rating = r.get("rating")
-        if isinstance(rating, bool) or not isinstance(rating, (int, float)):
-            raise ValueError(f"{where}: field 'rating' must be a number, got {rating!r}")
+        key = next((k for k in keys if k in r), keys[0])
+        rating = r.get(key)
+        if isinstance(rating, bool) or not isinstance(rating, (int, float)) or rating != rating:
+            raise ValueError(f"{where}: field {key!r} must be a number, got {rating!r}")
         out.append({"prompt": _text(r, "prompt", where), "response": _text(r, "response", where),
                     "rating": float(rating)})
     return out
+
+
+def load_scored(path) -> list[dict]:
+    """Offline RL data (ILQL): rows {"prompt", "response", "reward"} (or "rating"), as load_ratings returns them."""
+    return load_ratings(path, keys=("reward", "rating"))
 
 
 @dataclass
@@ -131,7 +138,7 @@ def encode_all(examples: list[dict], keys: tuple[str, ...], max_len: int, tokeni
             dropped += 1
             continue
         for e in enc:
-            e.rating = ex.get("rating")
+            e.rating = ex.get("rating", ex.get("reward"))
         kept.append(enc)
     return kept, dropped
 
