@@ -11,7 +11,10 @@ over-optimisation panel), from one pretrained checkpoint:
    - PPO against the reward model at several fixed KL coefficients, and PPO on the gold judge itself (the upper
      reference; its scores normalised by their running mean and sd, since most are exactly 0);
    - DPO at several betas, on the same pairs the reward model saw;
-   each over several seeds (mean and spread).
+   - GRPO and RLOO against the reward model (no critic; 2 prompts x 8 samples per step, PPO's 16 samples);
+   - ILQL, offline: trained on reference samples the gold judge scored (no sampling while training), then sampled
+     at several betas (top-k 20, so even beta 0 has a KL > 0);
+   each over several seeds (mean and spread). `--methods` runs a subset.
 3. frontier.png (gold vs KL; proxy and gold vs sqrt(KL) for best-of-N and the longest PPO run), frontier.json and
    frontier.md (the table), in --out.
 """
@@ -39,8 +42,13 @@ from .palm import PaLM
 from .policy import ActorCritic, Policy
 from .ppo import PPOConfig, PPOTrainer
 from .reward import RewardConfig, RewardModel, RewardTrainer
+from .grpo import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+from .ilql import ILQLConfig, ILQLModel, ILQLTrainer, evaluate_ilql
 from .rollout import evaluate_policy, reward_function, sample, score
-from .utils import atomic_write_text, option
+from .utils import atomic_write_text, option, write_jsonl
+
+
+METHODS = ("best-of-n", "ppo", "ppo-gold", "dpo", "grpo", "rloo", "ilql")
 
 
 @dataclass
@@ -58,6 +66,12 @@ class FrontierConfig:
     long_ppo_steps: int = option(80, "iterations of the one PPO run pushed past its KL budget (0 = none)")
     dpo_betas: tuple = option((0.05, 0.1, 0.3), "DPO betas")
     dpo_steps: int = option(200, "DPO steps per run")
+    group_kl_coefs: tuple = option((0.05,), "KL coefficients of the GRPO and RLOO runs on the reward model")
+    group_steps: int = option(40, "GRPO / RLOO iterations per run")
+    ilql_samples: int = option(4096, "reference samples scored by the gold judge: ILQL's offline data")
+    ilql_steps: int = option(300, "ILQL steps")
+    ilql_betas: tuple = option((1.0, 4.0, 16.0), "ILQL generation betas")
+    methods: tuple = option(METHODS, "which methods to run")
     seeds: int = option(3, "seeds per method")
     prompt_len: int = option(32, "prompt bytes")
     response_len: int = option(64, "response bytes")
@@ -66,7 +80,8 @@ class FrontierConfig:
 
 SHOWN = 3  # responses kept per method (to the first held-out prompts), so a person can see what each one writes
 QUICK = dict(eval_prompts=128, pairs=1500, val_pairs=200, rm_steps=150, best_of=(1, 2, 4, 8), ppo_kl_coefs=(0.05,),
-             ppo_steps=12, long_ppo_steps=0, dpo_betas=(0.1,), dpo_steps=60, seeds=1)
+             ppo_steps=12, long_ppo_steps=0, dpo_betas=(0.1,), dpo_steps=60, group_steps=12, ilql_samples=1024,
+             ilql_steps=100, ilql_betas=(4.0,), seeds=1)
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -196,6 +211,51 @@ class Frontier:
         summary = DPOTrainer(policy, train, cfg, val=val).train()
         return {"result": self.evaluate(policy, self.rm.score, seed), "val_acc": summary.get("val_acc")}
 
+    def group(self, algo: str, kl_coef: float, seed: int) -> dict:
+        """GRPO or RLOO against the reward model."""
+        c = self.cfg
+        torch.manual_seed(seed)
+        policy = Policy(PaLM.load(self.init), lora=LoRAConfig(r=c.lora_r))
+        config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algo == "grpo" else (RLOOConfig, RLOOTrainer)
+        cfg = config_cls(steps=c.group_steps, lr=5e-4, prompts_per_iter=2, group_size=8, minibatch_size=16,
+                         max_new_tokens=c.response_len, kl_coef=kl_coef, eval_prompts=2, best_of=0, seed=seed,
+                         quiet=self.quiet, checkpoint_interval=max(c.group_steps, 1),
+                         checkpoint_dir=str(self.out / "runs" / f"{algo}-kl{kl_coef}-s{seed}"))
+        trainer_cls(policy, self.rm, self.prompts, cfg, gold_fn=self.judge).train()
+        return self.evaluate(policy, self.rm.score, seed)
+
+    def ilql_data(self) -> Path:
+        """Reference samples on training prompts, scored by the gold judge: {"prompt", "response", "reward"}."""
+        path = self.out / "data" / "scored.jsonl"
+        if not path.is_file():
+            base = Policy(PaLM.load(self.init), lora=LoRAConfig(r=1))   # adapter B = 0: the reference
+            prompts, rows = self.prompts(self.cfg.ilql_samples, 424_242), []
+            for i in range(0, len(prompts), 64):
+                gen = sample(base, prompts[i:i + 64], self.sampling, torch.Generator().manual_seed(i),
+                             policy="reference")
+                for p, t, m in zip(prompts[i:i + 64], gen.tokens.cpu(), gen.mask.cpu()):
+                    text = decode_bytes(t[m].tolist())
+                    rows.append({"prompt": decode_bytes(p.tolist()), "response": text, "reward": self.judge(text)})
+            write_jsonl(rows, path)
+        return path
+
+    def ilql(self, seed: int) -> list[tuple[float, dict]]:
+        c = self.cfg
+        torch.manual_seed(seed)
+        model = ILQLModel(PaLM.load(self.init), lora=LoRAConfig(r=c.lora_r))
+        cfg = ILQLConfig(steps=c.ilql_steps, batch_size=16, max_len=c.prompt_len + c.response_len, eval_prompts=0,
+                         eval_interval=0, max_new_tokens=c.response_len, seed=seed, quiet=self.quiet,
+                         checkpoint_interval=max(c.ilql_steps, 1),
+                         checkpoint_dir=str(self.out / "runs" / f"ilql-s{seed}"))
+        ILQLTrainer(model, str(self.ilql_data()), cfg).train()
+        out = []
+        for beta in c.ilql_betas:
+            result = evaluate_ilql(model, self.eval_set, beta, cfg, torch.Generator().manual_seed(seed),
+                                   gold_fn=self.judge, reward_fn=self.rm.score)
+            result["samples"] = result["samples"][:SHOWN]
+            out.append((beta, result))
+        return out
+
     # ------------------------------------------------------------------------------------------------ the sweep
 
     def run(self) -> dict:
@@ -204,17 +264,27 @@ class Frontier:
         self.log(f"task ready: {len(load_preferences(train))} training pairs")
         self.rm = self.reward_model(train, val)
         self.log(f"reward model: held-out accuracy vs gold {self.rm_accuracy['val_gold_acc']:.1%}")
-        self.best_of_n(self.rm)
+        self.best_of_n(self.rm)   # also the reference's level, which every gain is measured against
+        if "best-of-n" not in c.methods:
+            self.points = [p for p in self.points if p["method"] != "best-of-N" or p["setting"] == "N=1"]
+            self.curves.pop("best-of-N")
         for seed in range(c.seeds):
-            for coef in c.ppo_kl_coefs:
+            for coef in c.ppo_kl_coefs if "ppo" in c.methods else ():
                 run = self.ppo(self.rm, coef, seed, c.ppo_steps, f"ppo-kl{coef}")
                 self.add("PPO (reward model)", f"kl_coef={coef}", seed, run["result"])
-            run = self.ppo(None, c.ppo_kl_coefs[0], seed, c.ppo_steps, "ppo-gold")
-            self.add("PPO (gold reward)", f"kl_coef={c.ppo_kl_coefs[0]}", seed, run["result"])
-            for beta in c.dpo_betas:
+            if "ppo-gold" in c.methods:
+                run = self.ppo(None, c.ppo_kl_coefs[0], seed, c.ppo_steps, "ppo-gold")
+                self.add("PPO (gold reward)", f"kl_coef={c.ppo_kl_coefs[0]}", seed, run["result"])
+            for beta in c.dpo_betas if "dpo" in c.methods else ():
                 run = self.dpo(train, val, beta, seed)
                 self.add("DPO", f"beta={beta}", seed, run["result"], pair_acc=run["val_acc"])
-        if c.long_ppo_steps:
+            for algo in ("grpo", "rloo"):
+                for coef in c.group_kl_coefs if algo in c.methods else ():
+                    self.add(algo.upper(), f"kl_coef={coef}", seed, self.group(algo, coef, seed))
+            if "ilql" in c.methods:
+                for beta, result in self.ilql(seed):
+                    self.add("ILQL (offline)", f"beta={beta:g}", seed, result)
+        if c.long_ppo_steps and "ppo" in c.methods:
             run = self.ppo(self.rm, min(c.ppo_kl_coefs), 0, c.long_ppo_steps, "ppo-long")
             self.curves["PPO (long run, rollouts)"] = [
                 {"kl": r["kl"], "gold": r["gold_score"], "proxy": r["rm_score"]} for r in run["history"]]
@@ -292,7 +362,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--verbose", action="store_true", help="progress bars of every run")
     for f in fields(FrontierConfig):
         kind = type(f.default)
-        if kind is tuple:
+        if f.name == "methods":
+            parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help=f.metadata["help"])
+        elif kind is tuple:
             parser.add_argument("--" + f.name.replace("_", "-"), type=float if "kl" in f.name or "beta" in f.name
                                 else int, nargs="+", default=None, help=f.metadata["help"])
         else:

@@ -39,13 +39,13 @@ from torch import Tensor, nn
 
 from .checkpoint import register
 from .config import FeedbackConfig
-from .data import draw
+from .data import decode_bytes, draw
 from .feedback import chunks, collate, load_examples, load_scored
 from .judges import Judge, judge_texts
 from .lora import LoRAConfig, use_lora
 from .palm import PaLM, PaLMConfig
 from .policy import Policy
-from .rollout import response_logprobs, results_table, score_gain
+from .rollout import response_logprobs, results_table, score, score_gain
 from .sampling import generate
 from .training import GradientTrainer, step_generator
 from .utils import exists, option, require
@@ -128,6 +128,33 @@ def ilql_loss(out: dict, tokens: Tensor, response_mask: Tensor, rewards: Tensor,
     loss = loss_q + loss_v + cql_scale * loss_cql + awac_scale * loss_awac
     return loss, {"loss_q": loss_q.item(), "loss_v": loss_v.item(), "loss_cql": loss_cql.item(),
                   "loss_awac": loss_awac.item(), "v": ((v * mask).sum() / n_real).item()}
+
+
+@torch.no_grad()
+def evaluate_ilql(model: ILQLModel, prompts: list[Tensor], beta: float | None, cfg, generator: torch.Generator, *,
+                  gold_fn: Judge | None = None, reward_fn=None) -> dict:
+    """Prompts answered at generation `beta` (None: the reference policy), top-k and temperature from `cfg`: the
+    judge's score, the reward function's, and the KL of the distribution sampled from to the reference (nats per
+    response; top-k alone makes it > 0), as rollout.evaluate_policy reports them."""
+    device = next(model.parameters()).device
+    prompts = [p.to(device) for p in prompts]
+    kw = dict(temperature=cfg.temperature, top_k=cfg.top_k, generator=generator)
+    if beta is None:
+        with use_lora(model.palm):
+            gen = generate(model.palm, prompts, cfg.max_new_tokens, **kw)
+    else:
+        gen = generate(ILQLSampler(model, beta), prompts, cfg.max_new_tokens, **kw)
+    seq, seq_mask = gen.sequences()
+    ref_lp = response_logprobs(model.reference_logits(seq, seq_mask), seq, gen.prompt.shape[1], cfg.temperature)[0]
+    out = {"kl": ((gen.logprobs - ref_lp) * gen.mask).sum(1).mean().item()}
+    if exists(reward_fn):
+        scores = score(reward_fn, gen)[0]
+        out.update(rm_score=scores.mean().item(), rm_score_std=scores.std().item())
+    if exists(gold_fn):
+        gold = judge_texts(gold_fn, gen.tokens, gen.mask)
+        out.update(gold_score=gold.mean().item(), gold_score_std=gold.std().item(), gold_per_prompt=gold.tolist())
+    out["samples"] = [decode_bytes(t[m].tolist()) for t, m in zip(gen.tokens.cpu(), gen.mask.cpu())]
+    return out
 
 
 @dataclass
@@ -216,28 +243,10 @@ class ILQLTrainer(GradientTrainer):
         self.model.train()
         return {"val_loss": sum(losses) / len(losses)}
 
-    @torch.no_grad()
     def sample(self, beta: float | None) -> dict:
-        """The held-out prompts answered at generation beta (None: the reference policy): judge, KL to reference."""
-        cfg, model = self.config, self.ilql
-        g = torch.Generator().manual_seed(cfg.seed + 10_007)
-        device = self.accelerator.device
-        if beta is None:
-            with use_lora(model.palm):
-                gen = generate(model.palm, [p.to(device) for p in self.eval_set], cfg.max_new_tokens,
-                               temperature=cfg.temperature, top_k=cfg.top_k, generator=g)
-        else:
-            gen = generate(ILQLSampler(model, beta), [p.to(device) for p in self.eval_set], cfg.max_new_tokens,
-                           temperature=cfg.temperature, top_k=cfg.top_k, generator=g)
-        seq, seq_mask = gen.sequences()
-        ref_lp = response_logprobs(model.reference_logits(seq, seq_mask), seq, gen.prompt.shape[1],
-                                   cfg.temperature)[0]
-        out = {"kl": ((gen.logprobs - ref_lp) * gen.mask).sum(1).mean().item()}   # top-k makes it > 0 at beta 0
-        if exists(self.gold_fn):
-            gold = judge_texts(self.gold_fn, gen.tokens, gen.mask)
-            out.update(gold_score=gold.mean().item(), gold_score_std=gold.std().item(),
-                       gold_per_prompt=gold.tolist())
-        return out
+        cfg = self.config
+        return evaluate_ilql(self.ilql, self.eval_set, beta, cfg, torch.Generator().manual_seed(cfg.seed + 10_007),
+                             gold_fn=self.gold_fn)
 
     def on_train_end(self, summary: dict) -> None:
         if not self.eval_set:

@@ -15,9 +15,14 @@ def test_frontier_runs_every_method(tmp_path, text_file):
                    "--judge", "prose", "--eval-prompts", "4", "--pairs", "24", "--val-pairs", "4", "--rm-steps", "2",
                    "--best-of", "1", "2", "--ppo-kl-coefs", "0.05", "--ppo-steps", "1", "--long-ppo-steps", "2",
                    "--dpo-betas", "0.1", "--dpo-steps", "2", "--seeds", "2", "--prompt-len", "8",
-                   "--response-len", "8", "--lora-r", "2", "--rm-lora-r", "2"])
+                   "--response-len", "8", "--lora-r", "2", "--rm-lora-r", "2", "--group-kl-coefs", "0.05",
+                   "--group-steps", "1", "--ilql-samples", "16", "--ilql-steps", "2", "--ilql-betas", "0", "4"])
     methods = {(r["method"], r["setting"]): r for r in report["table"]}
-    assert set(m for m, _ in methods) == {"best-of-N", "PPO (reward model)", "PPO (gold reward)", "DPO"}
+    assert set(m for m, _ in methods) == {"best-of-N", "PPO (reward model)", "PPO (gold reward)", "DPO", "GRPO",
+                                          "RLOO", "ILQL (offline)"}
+    assert methods[("ILQL (offline)", "beta=4")]["seeds"] == 2 and methods[("GRPO", "kl_coef=0.05")]["seeds"] == 2
+    scored = [json.loads(line) for line in (tmp_path / "f" / "data" / "scored.jsonl").read_text().splitlines()]
+    assert len(scored) == 16 and all(set(r) == {"prompt", "response", "reward"} for r in scored)
     assert methods[("best-of-N", "N=1")]["kl"] == 0.0 and methods[("DPO", "beta=0.1")]["seeds"] == 2
     assert len(report["curves"]["PPO (long run, rollouts)"]) == 2
     saved = json.loads((tmp_path / "f" / "frontier.json").read_text())
@@ -32,5 +37,6 @@ def test_frontier_runs_every_method(tmp_path, text_file):
                   "--val", str(given / "data" / "val.jsonl"), "--reward", str(given / "reward" / "model"),
                   "--best-of", "1", "--ppo-kl-coefs", "0.05", "--ppo-steps", "1", "--long-ppo-steps", "0",
                   "--dpo-betas", "0.1", "--dpo-steps", "1", "--seeds", "1", "--prompt-len", "8", "--response-len", "8",
-                  "--lora-r", "2"])
+                  "--lora-r", "2", "--methods", "dpo"])
     assert again["reward_model"] == report["reward_model"] and not (tmp_path / "g" / "reward").exists()
+    assert {r["method"] for r in again["table"]} == {"best-of-N", "DPO"}     # only DPO (and the reference, N=1)
