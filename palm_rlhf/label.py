@@ -462,6 +462,12 @@ def make_app(store: LabelStore, *, token: str | None = None, score=None):
         async def endpoint(request):
             if token is not None and not hmac.compare_digest(request.headers.get("x-label-token", ""), token):
                 return JSONResponse({"error": "this server needs its token: open the URL it printed"}, 403)
+            if token is None and request.headers.get("host", "").rsplit(":", 1)[0] not in LOOPBACK + ("[::1]",):
+                return JSONResponse({"error": "without --token the API answers loopback names only"}, 403)
+            if request.method == "POST" and request.headers.get("content-type", "").split(";")[0] != "application/json":
+                # another site's page can send a plain-text POST to 127.0.0.1 without asking (CSRF); a JSON one
+                # needs the browser's preflight, which this server never grants
+                return JSONResponse({"error": "send JSON (Content-Type: application/json)"}, 415)
             raw = await request.body()
             try:
                 body = json.loads(raw) if raw else {}

@@ -225,7 +225,7 @@ class Server:
     def call(self, path: str, body=None, headers=None):
         request = urllib.request.Request(self.url + path.lstrip("/"), method="GET" if body is None else "POST",
                                          data=None if body is None else json.dumps(body).encode(),
-                                         headers=headers or {})
+                                         headers={"Content-Type": "application/json", **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=30) as r:
                 return r.status, json.loads(r.read())
@@ -283,8 +283,10 @@ def test_server_survives_sigkill_and_concurrent_voters(tmp_path):
     assert status == 409, body                                               # a replay: refused, nothing written
     status, body = server.call("api/label", {"annotator": ann, "item": "compare-999", "choice": "A", "order": [0, 1]})
     assert status == 404, body
-    status, body = server.call("api/label", {"annotator": "ann0", "item": held["id"], "choice": "A",
-                                             "order": held["order"]})
+    vote = {"annotator": "ann0", "item": held["id"], "choice": "A", "order": held["order"]}
+    assert server.call("api/label", vote, headers={"Content-Type": "text/plain"})[0] == 415   # a cross-site form
+    assert server.call("api/label", vote, headers={"Host": "attacker.example"})[0] == 403     # DNS rebinding
+    status, body = server.call("api/label", vote)
     assert status == 200, body
     out = server.stop()
     assert "skipped a line that is not a complete JSON object" in out
