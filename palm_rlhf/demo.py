@@ -79,6 +79,28 @@ def build_demonstrations(corpus: Tensor, *, count: int, prompt_len: int = 32, re
     return [r for r in rows[:count] if r["prompt"] and r["response"]]
 
 
+def corpus_preferences(corpus: Tensor, *, pairs: int, judge: Judge, prompt_len: int = 32, response_len: int = 64,
+                       min_gap: float = 0.05, seed: int = 0) -> list[dict]:
+    """Pairs of real continuations, no model needed: two random windows of the corpus, each `response_len` bytes
+    after a `prompt_len`-byte prompt; the continuation the judge scores higher is chosen, under the first window's
+    prompt (ties skipped). For a word-level judge they show far more scored words per pair than a small model's
+    samples do (README, the sentiment task)."""
+    out, drawn = [], 0
+    while len(out) < pairs:
+        windows = prompt_windows(corpus, 2 * 256, prompt_len + response_len, seed * 7919 + 1_000_003 + drawn)
+        drawn += 1
+        for a, b in zip(windows[0::2], windows[1::2]):
+            ra, rb = decode_bytes(a[prompt_len:].tolist()), decode_bytes(b[prompt_len:].tolist())
+            ga, gb = judge(ra), judge(rb)
+            if abs(ga - gb) < min_gap or not ra or not rb:
+                continue
+            out.append({"prompt": decode_bytes(a[:prompt_len].tolist()), "chosen": ra if ga > gb else rb,
+                        "rejected": rb if ga > gb else ra})
+            if len(out) == pairs:
+                break
+    return out
+
+
 @dataclass
 class PreferenceTaskConfig:
     judge: str = option("prose", "gold judge: prose, sentiment (VADER; pip install -e \".[sentiment]\") or "
@@ -89,6 +111,8 @@ class PreferenceTaskConfig:
     prompt_len: int = option(32, "prompt bytes (windows of the corpus)")
     response_len: int = option(64, "response bytes sampled from the model")
     per_prompt: int = option(2, "responses sampled per prompt; every pair of them is labelled (ties skipped)")
+    corpus_pairs: int = option(0, "also this many training pairs of real continuations of the corpus (two random "
+                                  "windows, the judge picks; no label noise), shuffled in")
     flip: float = option(0.1, "share of labels flipped at random (noisy labellers)")
     min_gap: float = option(0.05, "gold-score gap below which a pair is a tie (skipped)")
     batch_size: int = option(64, "responses sampled at once")
@@ -102,6 +126,7 @@ class PreferenceTaskConfig:
         require(self.batch_size % self.per_prompt == 0, self, "batch_size",
                 f"must be a multiple of per_prompt ({self.per_prompt})")
         require(0 <= self.flip <= 1, self, "flip", "must lie in [0, 1]")
+        require(self.corpus_pairs >= 0, self, "corpus_pairs", "must be >= 0")
 
 
 def make_preference_files(model, corpus: Tensor, out, config: PreferenceTaskConfig) -> dict:
@@ -112,13 +137,18 @@ def make_preference_files(model, corpus: Tensor, out, config: PreferenceTaskConf
                                      response_len=c.response_len, flip=c.flip, min_gap=c.min_gap,
                                      batch=c.batch_size, seed=c.seed, quiet=c.quiet, judge=judge,
                                      per_prompt=c.per_prompt)
-    write_jsonl(pairs[:c.pairs], out / "train.jsonl")
+    train = pairs[:c.pairs]
+    if c.corpus_pairs:
+        train += corpus_preferences(corpus, pairs=c.corpus_pairs, judge=judge, prompt_len=c.prompt_len,
+                                    response_len=c.response_len, min_gap=c.min_gap, seed=c.seed)
+        random.Random(c.seed).shuffle(train)
+    write_jsonl(train, out / "train.jsonl")
     write_jsonl(pairs[c.pairs:], out / "val.jsonl")
     demos = build_demonstrations(corpus, count=c.demos, prompt_len=c.prompt_len, response_len=c.response_len,
                                  seed=c.seed, judge=judge)
     write_jsonl(demos, out / "demos.jsonl")
-    stats.update(train=c.pairs, val=c.val_pairs, demos=len(demos), config=asdict(c))
+    stats.update(train=len(train), val=c.val_pairs, demos=len(demos), config=asdict(c))
     atomic_write_text(json.dumps(stats, indent=1), out / "stats.json")
-    print(f"wrote {c.pairs} training and {c.val_pairs} held-out pairs, {len(demos)} demonstrations to {out}; "
+    print(f"wrote {len(train)} training and {c.val_pairs} held-out pairs, {len(demos)} demonstrations to {out}; "
           f"{stats['ties_skipped']} ties skipped, {stats['labels_flipped']} labels flipped ({stats['flip_rate']:.1%})")
     return stats

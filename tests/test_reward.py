@@ -1,5 +1,6 @@
 """Reward model, SFT and the demo-task stages: losses by hand, padding invariance, real short runs, resume."""
 
+import gzip
 import json
 import random
 
@@ -185,6 +186,20 @@ def test_make_preferences_labels_every_pair_of_several_responses(base_ckpt, tmp_
     assert max(sum(r["prompt"] == p for r in rows) for p in by_prompt) == 6  # 4 responses: all 6 pairs kept
     with pytest.raises(cli.CLIError, match="--batch-size 10: must be a multiple of per_prompt"):
         cli.main(["make-preferences", "--init", str(ckpt), "--per-prompt", "4", "--batch-size", "10"])
+
+
+def test_corpus_pairs_are_real_continuations_the_judge_ranks(base_ckpt, tmp_path):
+    ckpt, data = base_ckpt
+    stats = cli.main(["make-preferences", "--init", str(ckpt), "--data", str(data), "--out", str(tmp_path),
+                      "--pairs", "10", "--val-pairs", "4", "--demos", "1", "--prompt-len", "16", "--response-len",
+                      "24", "--flip", "0.0", "--corpus-pairs", "25", "--quiet"])
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 35 and stats["train"] == 35
+    text = (gzip.open(data) if str(data).endswith(".gz") else open(data, "rb")).read().decode("utf-8", "replace")
+    inside = lambda s: s.strip("\ufffd") in text  # noqa: E731  (a window may cut a character at either end)
+    assert sum(inside(r["chosen"]) and inside(r["rejected"]) and inside(r["prompt"]) for r in rows) >= 25
+    assert all(prose(r["chosen"]) - prose(r["rejected"]) >= 0.05 - 1e-9 for r in rows)   # judged, ties skipped
+    assert len((tmp_path / "val.jsonl").read_text().splitlines()) == 4   # held-out pairs stay sampled ones
 
 
 def test_gold_score_prefers_clean_prose():
