@@ -27,6 +27,14 @@ from .judges import Judge, load_judge, prose
 from .sampling import generate
 from .utils import atomic_write_text, option, require, write_jsonl
 
+def check_tie_rate(kept: int, drawn: int, wanted: int, what: str) -> None:
+    """Stop a labelling loop that cannot finish: a judge that calls (nearly) every pair a tie would loop forever."""
+    if drawn >= 1000 and kept * 1000 < drawn:
+        raise ValueError(f"the judge called {drawn - kept} of {drawn} {what} pairs a tie (gap < min_gap), so {wanted} "
+                         f"pairs would take too long: use a judge that tells these responses apart, or a smaller "
+                         f"--min-gap")
+
+
 @torch.no_grad()
 def build_preferences(model, corpus: Tensor, *, pairs: int, prompt_len: int = 32, response_len: int = 64,
                       flip: float = 0.1, min_gap: float = 0.05, batch: int = 64, temperature: float = 1.0,
@@ -40,6 +48,7 @@ def build_preferences(model, corpus: Tensor, *, pairs: int, prompt_len: int = 32
     bar = tqdm(total=pairs, desc="labelling pairs", disable=quiet)
     round_ = 0
     while len(out) < pairs:
+        check_tie_rate(len(out), drawn, pairs, "sampled")
         prompts = prompt_windows(corpus, max(1, batch // per_prompt), prompt_len, seed * 7919 + round_)
         round_ += 1
         gen = generate(model, [p.to(device) for p in prompts for _ in range(per_prompt)], response_len,
@@ -87,6 +96,7 @@ def corpus_preferences(corpus: Tensor, *, pairs: int, judge: Judge, prompt_len: 
     samples do (README, the sentiment task)."""
     out, drawn = [], 0
     while len(out) < pairs:
+        check_tie_rate(len(out), 256 * drawn, pairs, "corpus")
         windows = prompt_windows(corpus, 2 * 256, prompt_len + response_len, seed * 7919 + 1_000_003 + drawn)
         drawn += 1
         for a, b in zip(windows[0::2], windows[1::2]):

@@ -1,6 +1,5 @@
 """Reward model, SFT and the demo-task stages: losses by hand, padding invariance, real short runs, resume."""
 
-import gzip
 import json
 import random
 
@@ -9,6 +8,7 @@ import torch
 
 from palm_rlhf import LoRAConfig, PaLM, PaLMConfig, RewardModel, cli
 from palm_rlhf.checkpoint import read_training_state
+from palm_rlhf.demo import corpus_preferences
 from palm_rlhf.judges import prose
 from palm_rlhf.feedback import collate, encode
 from palm_rlhf.reward import bradley_terry_loss, last_real_index
@@ -189,17 +189,23 @@ def test_make_preferences_labels_every_pair_of_several_responses(base_ckpt, tmp_
 
 
 def test_corpus_pairs_are_real_continuations_the_judge_ranks(base_ckpt, tmp_path):
-    ckpt, data = base_ckpt
-    stats = cli.main(["make-preferences", "--init", str(ckpt), "--data", str(data), "--out", str(tmp_path),
+    ckpt, _ = base_ckpt
+    rng = random.Random(0)                                    # prose and wiki markup, so the prose judge has a say
+    data = tmp_path / "corpus.txt"
+    data.write_text(" ".join(rng.choice(["the", "river", "city", "[[Paris]]", "{{cite}}", "|", "=", "of", "and"])
+                             for _ in range(20000)))
+    stats = cli.main(["make-preferences", "--init", str(ckpt), "--data", str(data), "--out", str(tmp_path / "p"),
                       "--pairs", "10", "--val-pairs", "4", "--demos", "1", "--prompt-len", "16", "--response-len",
                       "24", "--flip", "0.0", "--corpus-pairs", "25", "--quiet"])
-    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "p" / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 35 and stats["train"] == 35
-    text = (gzip.open(data) if str(data).endswith(".gz") else open(data, "rb")).read().decode("utf-8", "replace")
-    inside = lambda s: s.strip("\ufffd") in text  # noqa: E731  (a window may cut a character at either end)
-    assert sum(inside(r["chosen"]) and inside(r["rejected"]) and inside(r["prompt"]) for r in rows) >= 25
+    text = data.read_text()
+    assert sum(r["chosen"] in text and r["rejected"] in text and r["prompt"] in text for r in rows) >= 25
     assert all(prose(r["chosen"]) - prose(r["rejected"]) >= 0.05 - 1e-9 for r in rows)   # judged, ties skipped
-    assert len((tmp_path / "val.jsonl").read_text().splitlines()) == 4   # held-out pairs stay sampled ones
+    assert len((tmp_path / "p" / "val.jsonl").read_text().splitlines()) == 4   # held-out pairs stay sampled ones
+    plain = torch.tensor(list(b"plain words only " * 400))           # every window scores the same: all ties
+    with pytest.raises(ValueError, match="called 1024 of 1024 corpus pairs a tie"):
+        corpus_preferences(plain, pairs=5, judge=prose)
 
 
 def test_gold_score_prefers_clean_prose():
