@@ -38,14 +38,18 @@ def run_ours(iterations: int, epochs: int, minibatch: int) -> dict:
     rm = RewardModel(PaLM(config), lora=LoRAConfig(r=8))
     trainer = PPOTrainer(ActorCritic(PaLM(config), lora=LoRAConfig(r=8)), rm, config=PPOConfig(
         prompts_per_iter=16, max_new_tokens=64, ppo_epochs=epochs, minibatch_size=minibatch, lr=1e-4, cpu=True))
+    return time_steps(trainer, iterations, prompts_per_step=16)
+
+
+def time_steps(trainer, iterations: int, prompts_per_step: int) -> dict:
+    """One warm-up step, then `iterations` timed steps of an online trainer (16 samples each)."""
     prompts = lambda i: [torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(i * 100 + j))  # noqa
-                         for j in range(16)]
+                         for j in range(prompts_per_step)]
     trainer.step(prompts(0))  # warm-up
     t = time.perf_counter()
     rollout = 0.0
     for i in range(iterations):
-        stats = trainer.step(prompts(i + 1))
-        rollout += stats["rollout_s"]
+        rollout += trainer.step(prompts(i + 1))["rollout_s"]
     elapsed = time.perf_counter() - t
     return {"samples_per_s": 16 * iterations / elapsed, "seconds": elapsed, "samples": 16 * iterations,
             "rollout_share": rollout / elapsed, "peak_rss_mb": peak_rss_mb()}
@@ -60,16 +64,7 @@ def run_group(iterations: int, algo: str) -> dict:
     trainer_cls, config_cls = (GRPOTrainer, GRPOConfig) if algo == "grpo" else (RLOOTrainer, RLOOConfig)
     trainer = trainer_cls(Policy(PaLM(config), lora=LoRAConfig(r=8)), rm, config=config_cls(
         prompts_per_iter=2, group_size=8, max_new_tokens=64, minibatch_size=16, lr=1e-4, cpu=True))
-    prompts = lambda i: [torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(i * 100 + j))  # noqa
-                         for j in range(2)]
-    trainer.step(prompts(0))  # warm-up
-    t = time.perf_counter()
-    rollout = 0.0
-    for i in range(iterations):
-        rollout += trainer.step(prompts(i + 1))["rollout_s"]
-    elapsed = time.perf_counter() - t
-    return {"samples_per_s": 16 * iterations / elapsed, "seconds": elapsed, "samples": 16 * iterations,
-            "rollout_share": rollout / elapsed, "peak_rss_mb": peak_rss_mb()}
+    return time_steps(trainer, iterations, prompts_per_step=2)
 
 
 def run_dpo(iterations: int) -> dict:

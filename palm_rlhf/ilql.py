@@ -204,7 +204,7 @@ class ILQLTrainer(GradientTrainer):
         config = config if exists(config) else ILQLConfig()
         max_len = min(config.max_len, model.palm.config.max_seq_len)
         _, self.train_set, self.val_set = load_examples(train, val, load_scored, ("response",), max_len,
-                                                             config.val_fraction)
+                                                        config.val_fraction)
         super().__init__(model, config, accelerator=accelerator, metadata=metadata)
         self.ilql, self.gold_fn = model, gold_fn
         prompts = {tuple(e[0].prompt) for e in self.val_set}
