@@ -63,7 +63,7 @@ class GroupConfig(RunConfig):
                                 choices=SCALES)
     loss_type: str = option("constant", "token-loss averaging: 'constant' (Dr. GRPO), 'token' (DAPO), 'sequence' "
                                         "(GRPO as published)", choices=LOSS_TYPES)
-    epochs: int = option(1, "passes over each step's samples (1: the ratio is 1 on every minibatch's first pass)")
+    epochs: int = option(1, "passes over each step's samples (1: each sample is learned from once)")
     minibatch_size: int = option(16, "responses per learning minibatch")
     clip_low: float = option(0.2, "ratio clip below 1 (1 - clip_low)")
     clip_high: float = option(0.2, "ratio clip above 1 (1 + clip_high; DAPO's clip-higher uses 0.28)")
