@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import FeedbackConfig
-from .feedback import chunks, collate, load_examples, load_preferences
+from .feedback import chunks, collate, held_out_prompts, load_examples, load_preferences
 from .judges import Judge
 from .palm import PaLM
 from .policy import Policy
@@ -105,8 +105,7 @@ class DPOTrainer(GradientTrainer):
         # the reference's log-probs of (chosen, rejected) for each training / held-out pair; nan until first needed
         self.ref_cache = {"train": torch.full((len(self.train_set), 2), float("nan"), dtype=torch.float64),
                           "val": torch.full((len(self.val_set), 2), float("nan"), dtype=torch.float64)}
-        prompts = {tuple(pair[0].prompt) for pair in self.val_set}
-        self.eval_set = [torch.tensor(p) for p in sorted(prompts)][:config.eval_prompts]
+        self.eval_set = held_out_prompts(self.val_set, config.eval_prompts)
         self.before: dict | None = None
 
     def batch_logprobs(self, items, reference: bool = False) -> Tensor:

@@ -193,6 +193,11 @@ def encode_or_fail(examples: list[dict], keys: tuple[str, ...], max_len: int, wh
     return encoded
 
 
+def held_out_prompts(encoded: list[list[Encoded]], n: int) -> list[Tensor]:
+    """The distinct prompts of an encoded held-out set (sorted, at most n): what a trainer samples at evaluation."""
+    return [torch.tensor(p) for p in sorted({tuple(e[0].prompt) for e in encoded})][:n]
+
+
 def chunks(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .checkpoint import register
 from .config import FeedbackConfig
 from .data import decode_bytes, draw
-from .feedback import chunks, collate, load_examples, load_scored
+from .feedback import chunks, collate, held_out_prompts, load_examples, load_scored
 from .judges import Judge, judge_texts
 from .lora import LoRAConfig, use_lora
 from .palm import PaLM, PaLMConfig
@@ -207,8 +207,7 @@ class ILQLTrainer(GradientTrainer):
                                                         config.val_fraction)
         super().__init__(model, config, accelerator=accelerator, metadata=metadata)
         self.ilql, self.gold_fn = model, gold_fn
-        prompts = {tuple(e[0].prompt) for e in self.val_set}
-        self.eval_set = [torch.tensor(p) for p in sorted(prompts)][:config.eval_prompts]
+        self.eval_set = held_out_prompts(self.val_set, config.eval_prompts)
         self.data_rewards = [e[0].rating for e in self.train_set + self.val_set]
         if any(r is None for r in self.data_rewards):
             raise ValueError('every ILQL example needs a numeric "reward"')
