@@ -15,6 +15,8 @@ over-optimisation panel), from one pretrained checkpoint:
    - ILQL, offline: trained on reference samples the gold judge scored (no sampling while training), then sampled
      at several betas (top-k 20, so even beta 0 has a KL > 0);
    each over several seeds (mean and spread). `--methods` runs a subset.
+   Each finished run's result is kept in --out/points/; the same command run again (after a crash or Ctrl-C, or with
+   more seeds) reads those back and runs only what is missing. A run whose settings changed is run again.
 3. frontier.png (gold vs KL; proxy and gold vs sqrt(KL) for best-of-N and the longest PPO run), frontier.json and
    frontier.md (the table), in --out.
 """
@@ -68,6 +70,7 @@ class FrontierConfig:
     dpo_steps: int = option(200, "DPO steps per run")
     group_kl_coefs: tuple = option((0.05,), "KL coefficients of the GRPO and RLOO runs on the reward model")
     group_steps: int = option(40, "GRPO / RLOO iterations per run")
+    group_epochs: int = option(4, "GRPO / RLOO passes over each step's samples (one pass barely moves: README)")
     ilql_samples: int = option(4096, "reference samples scored by the gold judge: ILQL's offline data")
     ilql_steps: int = option(300, "ILQL steps")
     ilql_betas: tuple = option((1.0, 4.0, 16.0), "ILQL generation betas")
@@ -78,6 +81,7 @@ class FrontierConfig:
     lora_r: int = option(16, "policy LoRA rank (PPO, DPO)")
 
 
+SWEPT = ("methods", "seeds", "best_of", "ppo_kl_coefs", "dpo_betas", "group_kl_coefs")  # a run's own setting is its name
 SHOWN = 3  # responses kept per method (to the first held-out prompts), so a person can see what each one writes
 QUICK = dict(eval_prompts=128, pairs=1500, val_pairs=200, rm_steps=150, best_of=(1, 2, 4, 8), ppo_kl_coefs=(0.05,),
              ppo_steps=12, long_ppo_steps=0, dpo_betas=(0.1,), dpo_steps=60, group_steps=12, ilql_samples=1024,
@@ -118,6 +122,22 @@ class Frontier:
                "proxy": result.get("rm_score"), "samples": result.get("samples", []), **extra}
         self.points.append(row)
         self.log(f"{method} {setting} seed {seed}: gold {row['gold']:.3f}, KL {row['kl']:.2f}")
+
+    def cached(self, name: str, run):
+        """run() once per (name, settings): its JSON result is kept in out/points/NAME.json and read back when the
+        sweep is run again with the same settings (the lists of settings to sweep and the seed count aside)."""
+        path, settings = self.out / "points" / f"{name}.json", {
+            k: v for k, v in asdict(self.cfg).items() if k not in SWEPT}
+        settings = json.loads(json.dumps(settings))  # tuples as lists, as they read back
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved["settings"] == settings:
+                return saved["result"]
+            self.log(f"{name}: settings changed since it ran, running it again")
+        result = run()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps({"settings": settings, "result": result}), path)
+        return result
 
     # ------------------------------------------------------------------------------------------------ stages
 
@@ -218,7 +238,8 @@ class Frontier:
         policy = Policy(PaLM.load(self.init), lora=LoRAConfig(r=c.lora_r))
         config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algo == "grpo" else (RLOOConfig, RLOOTrainer)
         cfg = config_cls(steps=c.group_steps, lr=5e-4, prompts_per_iter=2, group_size=8, minibatch_size=16,
-                         max_new_tokens=c.response_len, kl_coef=kl_coef, eval_prompts=2, best_of=0, seed=seed,
+                         epochs=c.group_epochs, max_new_tokens=c.response_len, kl_coef=kl_coef, eval_prompts=2,
+                         best_of=0, seed=seed,
                          quiet=self.quiet, checkpoint_interval=max(c.group_steps, 1),
                          checkpoint_dir=str(self.out / "runs" / f"{algo}-kl{kl_coef}-s{seed}"))
         trainer_cls(policy, self.rm, self.prompts, cfg, gold_fn=self.judge).train()
@@ -270,22 +291,26 @@ class Frontier:
             self.curves.pop("best-of-N")
         for seed in range(c.seeds):
             for coef in c.ppo_kl_coefs if "ppo" in c.methods else ():
-                run = self.ppo(self.rm, coef, seed, c.ppo_steps, f"ppo-kl{coef}")
+                run = self.cached(f"ppo-kl{coef}-s{seed}", lambda: self.ppo(self.rm, coef, seed, c.ppo_steps,
+                                                                           f"ppo-kl{coef}"))
                 self.add("PPO (reward model)", f"kl_coef={coef}", seed, run["result"])
             if "ppo-gold" in c.methods:
-                run = self.ppo(None, c.ppo_kl_coefs[0], seed, c.ppo_steps, "ppo-gold")
+                run = self.cached(f"ppo-gold-s{seed}", lambda: self.ppo(None, c.ppo_kl_coefs[0], seed, c.ppo_steps,
+                                                                       "ppo-gold"))
                 self.add("PPO (gold reward)", f"kl_coef={c.ppo_kl_coefs[0]}", seed, run["result"])
             for beta in c.dpo_betas if "dpo" in c.methods else ():
-                run = self.dpo(train, val, beta, seed)
+                run = self.cached(f"dpo-beta{beta}-s{seed}", lambda: self.dpo(train, val, beta, seed))
                 self.add("DPO", f"beta={beta}", seed, run["result"], pair_acc=run["val_acc"])
             for algo in ("grpo", "rloo"):
                 for coef in c.group_kl_coefs if algo in c.methods else ():
-                    self.add(algo.upper(), f"kl_coef={coef}", seed, self.group(algo, coef, seed))
+                    result = self.cached(f"{algo}-kl{coef}-s{seed}", lambda: self.group(algo, coef, seed))
+                    self.add(algo.upper(), f"kl_coef={coef}", seed, result)
             if "ilql" in c.methods:
-                for beta, result in self.ilql(seed):
+                for beta, result in self.cached(f"ilql-s{seed}", lambda: self.ilql(seed)):
                     self.add("ILQL (offline)", f"beta={beta:g}", seed, result)
         if c.long_ppo_steps and "ppo" in c.methods:
-            run = self.ppo(self.rm, min(c.ppo_kl_coefs), 0, c.long_ppo_steps, "ppo-long")
+            coef = min(c.ppo_kl_coefs)
+            run = self.cached(f"ppo-long-kl{coef}", lambda: self.ppo(self.rm, coef, 0, c.long_ppo_steps, "ppo-long"))
             self.curves["PPO (long run, rollouts)"] = [
                 {"kl": r["kl"], "gold": r["gold_score"], "proxy": r["rm_score"]} for r in run["history"]]
         report = {"config": asdict(c), "init": str(self.init), "reference": self.reference,

@@ -1,6 +1,7 @@
 """The frontier sweep end to end on a toy model: every method lands in the table, the plot and the files."""
 
 import json
+import shutil
 
 import torch
 
@@ -11,12 +12,14 @@ from palm_rlhf.frontier import main
 def test_frontier_runs_every_method(tmp_path, text_file):
     torch.manual_seed(0)
     PaLM(PaLMConfig.preset("test")).save(tmp_path / "base")
-    report = main(["--init", str(tmp_path / "base"), "--data", str(text_file), "--out", str(tmp_path / "f"),
+    argv = ["--init", str(tmp_path / "base"), "--data", str(text_file), "--out", str(tmp_path / "f"),
                    "--judge", "prose", "--eval-prompts", "4", "--pairs", "24", "--val-pairs", "4", "--rm-steps", "2",
                    "--best-of", "1", "2", "--ppo-kl-coefs", "0.05", "--ppo-steps", "1", "--long-ppo-steps", "2",
                    "--dpo-betas", "0.1", "--dpo-steps", "2", "--seeds", "2", "--prompt-len", "8",
                    "--response-len", "8", "--lora-r", "2", "--rm-lora-r", "2", "--group-kl-coefs", "0.05",
-                   "--group-steps", "1", "--ilql-samples", "16", "--ilql-steps", "2", "--ilql-betas", "0", "4"])
+                   "--group-steps", "1", "--group-epochs", "2", "--ilql-samples", "16", "--ilql-steps", "2",
+                   "--ilql-betas", "0", "4"]
+    report = main(argv)
     methods = {(r["method"], r["setting"]): r for r in report["table"]}
     assert set(m for m, _ in methods) == {"best-of-N", "PPO (reward model)", "PPO (gold reward)", "DPO", "GRPO",
                                           "RLOO", "ILQL (offline)"}
@@ -30,6 +33,14 @@ def test_frontier_runs_every_method(tmp_path, text_file):
     md = (tmp_path / "f" / "frontier.md").read_text()
     assert (tmp_path / "f" / "frontier.png").is_file() and "| DPO | beta=0.1 | 2 |" in md
     assert all(len(p["samples"]) == 3 for p in report["points"]) and "- DPO beta=0.1:" in md
+    # the same command again: every finished run is read back from f/points, none is trained again
+    shutil.rmtree(tmp_path / "f" / "runs")
+    rerun = main(argv)
+    assert rerun["table"] == report["table"] and not (tmp_path / "f" / "runs").exists()
+    # one more seed: only that seed's runs are trained
+    more = main(argv[:argv.index("--seeds") + 1] + ["3"] + argv[argv.index("--seeds") + 2:])
+    assert {p.name.rsplit("-s", 1)[1] for p in (tmp_path / "f" / "runs").iterdir()} == {"2"}
+    assert {(r["method"], r["seeds"]) for r in more["table"]} >= {("DPO", 3), ("GRPO", 3), ("ILQL (offline)", 3)}
     # again from the same pairs and reward model, given as files: the same reward-model accuracy, nothing retrained
     given = tmp_path / "f"
     again = main(["--init", str(tmp_path / "base"), "--data", str(text_file), "--out", str(tmp_path / "g"),
