@@ -64,12 +64,22 @@ class Checkpointable:
 
     def weights(self) -> dict[str, Tensor]:
         """What a file holds of this object (a wrapper on a shared base leaves out other wrappers' adapters)."""
-        return self.state_dict()
+        return self.full_state_dict()
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """state_dict(), gathered when the model is sharded (FSDP: a collective; the main process gets it, the
+        others {})."""
+        from .fsdp import full_state_dict, is_sharded
+        return full_state_dict(self) if is_sharded(self) else self.state_dict()
 
     def load_weights(self, weights: dict[str, Tensor], source: str = "the checkpoint") -> None:
+        from .fsdp import is_sharded, load_full_state_dict
         try:
-            self.load_state_dict(weights, strict=True)
-        except RuntimeError as err:
+            if is_sharded(self):
+                load_full_state_dict(self, weights, strict=True)
+            else:
+                self.load_state_dict(weights, strict=True)
+        except (RuntimeError, KeyError, ValueError) as err:
             raise RuntimeError(f"the weights in {source} do not fit this {type(self).__name__}: {err}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -173,13 +183,15 @@ def legacy_model_config(state: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------- training state
 
 
-def save_training_state(path: str | os.PathLike, *, stage: str, step: int, model, optimizer, trainer_config: dict,
-                        trainer_state: dict, metadata: dict) -> None:
-    """Everything a trainer needs to resume, in one atomically written file of tensors and plain values."""
+def save_training_state(path: str | os.PathLike, *, stage: str, step: int, model, weights: dict, optimizer: dict,
+                        trainer_config: dict, trainer_state: dict, metadata: dict) -> None:
+    """Everything a trainer needs to resume, in one atomically written file of tensors and plain values. weights:
+    model.weights(); optimizer: its state keyed by parameter name (`named_optimizer_state`), so that the run
+    resumes under another number of processes, sharded or not."""
     atomic_torch_save({
         "format": FORMAT, "stage": stage, "step": step,
-        "model_config": model.config_dict(), "model": model.weights(),
-        "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+        "model_config": model.config_dict(), "model": weights,
+        "optimizer": optimizer, "rng": torch.get_rng_state(),
         "trainer_config": trainer_config, "trainer_state": trainer_state, "metadata": metadata,
     }, path)
 
@@ -197,3 +209,27 @@ def read_training_state(path: str | os.PathLike, stage: str) -> dict:
         raise RuntimeError(f"{path} is a '{state['stage']}' checkpoint, but this is the '{stage}' stage; to start "
                            f"a new stage from it, pass it as the model (--init), not as --resume")
     return state
+
+
+def named_optimizer_state(state: dict, names: list[str]) -> dict:
+    """torch's optimizer state (parameters by index, in param_groups order) keyed by parameter name instead."""
+    return {"state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def has_names(state: dict) -> bool:
+    """Whether an optimizer state is keyed by parameter name (this version's checkpoints) or by index (torch's)."""
+    return any(isinstance(p, str) for g in state["param_groups"] for p in g["params"])
+
+
+def indexed_optimizer_state(state: dict, names: list[str]) -> dict:
+    """The inverse of named_optimizer_state for an optimizer whose parameters, in param_groups order, are `names`;
+    index-keyed states (checkpoints written before names were used) pass through."""
+    if not has_names(state):
+        return state
+    index = {n: i for i, n in enumerate(names)}
+    missing = [n for g in state["param_groups"] for n in g["params"] if n not in index]
+    if missing:
+        raise KeyError(f"the checkpoint's optimizer trains parameters this model does not train: {missing[:3]}")
+    return {"state": {index[n]: v for n, v in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}

@@ -49,7 +49,7 @@ class Policy(Checkpointable, nn.Module):
         return lora_parameters(self.palm, self.scope) if self.lora else list(self.palm.parameters())
 
     def weights(self) -> dict[str, Tensor]:
-        return keep_scopes(self.state_dict(), [self.scope])  # not another wrapper's scope on a shared trunk
+        return keep_scopes(self.full_state_dict(), [self.scope])  # not another wrapper's scope on a shared trunk
 
     def actor_logits(self, tokens: Tensor, mask: Tensor) -> Tensor:
         with self.generation_context():
@@ -88,6 +88,8 @@ class ActorCritic(Policy):
     `PaLM.policy_of(ac)`, or `PaLM.load` of its file, gives the actor as a plain PaLM.
     """
 
+    fsdp_methods = ("values",)  # entry points besides forward that use the value head (see fsdp.shard)
+
     def __init__(self, palm: PaLM, *, lora: LoRAConfig = LoRAConfig()):
         super().__init__(palm, lora=lora, scope="actor")
         if self.lora:
@@ -112,7 +114,7 @@ class ActorCritic(Policy):
         return trunk + list(self.value_head.parameters())
 
     def weights(self) -> dict[str, Tensor]:
-        return keep_scopes(self.state_dict(), ["actor", "critic"])  # not a reward scope on a shared trunk
+        return keep_scopes(self.full_state_dict(), ["actor", "critic"])  # not a reward scope on a shared trunk
 
     def init_critic_from_reward(self, rm: RewardModel) -> None:
         """InstructGPT initialises the value function from the reward model: copy its head (and, when the reward

@@ -96,7 +96,7 @@ class RewardModel(Checkpointable, nn.Module):
                    pool=config.get("pool", "last"))
 
     def weights(self) -> dict[str, Tensor]:
-        return keep_scopes(self.state_dict(), [self.scope] if self.scope else [])  # not a shared trunk's others
+        return keep_scopes(self.full_state_dict(), [self.scope] if self.scope else [])  # not a shared trunk's others
 
     def forward(self, tokens: Tensor, mask: Tensor, response_mask: Tensor) -> Tensor:
         """tokens, mask (real tokens), response_mask (response tokens) (b, n) -> (b,) scores, or (b, num_bins)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import prompt_sampler
+from .fsdp import gathered
 from .judges import Judge, RewardFn, judge_texts
 from .palm import PaLM
 from .policy import Policy
@@ -71,11 +72,12 @@ def entropy(logp: Tensor, mask: Tensor) -> Tensor:
 def sample(ac: Policy, prompts: list[Tensor], cfg, generator: torch.Generator, *, policy: str = "actor",
            n: int = 1, device=None) -> Generation:
     """`n` responses per prompt from the actor or the reference policy. cfg: max_new_tokens, temperature, eos_token
-    (a PPOConfig). The sampler's own generator is seeded from `generator`, so the draw is repeatable."""
+    (a PPOConfig). The sampler's own generator is seeded from `generator`, so the draw is repeatable. A sharded
+    (FSDP) policy is gathered once for the whole draw, not once per decode step (every process must call this)."""
     ac.eval()
     device = device or next(ac.parameters()).device
     model, context = ac.sampling_model(policy)
-    with context:
+    with context, gathered(ac):
         seed = int(torch.randint(2 ** 62, (1,), generator=generator))
         return generate(model, [p.to(device) for p in prompts for _ in range(n)], cfg.max_new_tokens,
                         temperature=cfg.temperature, eos_token=cfg.eos_token,

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm import tqdm
 
-from .checkpoint import read_training_state, save_training_state
+from .checkpoint import has_names, indexed_optimizer_state, named_optimizer_state, read_training_state, save_training_state
 from .config import RunConfig, TrainConfig
+from .fsdp import full_optimizer_state, is_sharded, load_full_optimizer_state
 from .metrics import MetricsLog, save_plot, write_summary
 from .utils import exists, remove_stale_temp_files
 
@@ -131,6 +133,8 @@ class NonFiniteGuard:
 def clip_gradients(accelerator, params: list, max_norm: float):
     """Clip to max_norm (0: no clipping) and return the global gradient norm, or None where it is unknown (fp16
     loss scaling, whose scaler skips overflowing steps by itself)."""
+    if max_norm > 0 and is_sharded(params):   # DTensor gradients: torch's clip gathers the norm
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
     if max_norm > 0:
         norm = accelerator.clip_grad_norm_(params, max_norm)
         return None if accelerator.scaler is not None else norm
@@ -153,6 +157,7 @@ class Trainer:
         self.accelerator = accelerator if exists(accelerator) else make_accelerator(
             config.mixed_precision, config.cpu, config.log_with, config.checkpoint_dir)
         self.raw_model, self.model, self.optimizer, self.params = model, model, None, []
+        self.sharded = False                     # FSDP: see prepare and palm_rlhf/fsdp.py
         self.metadata = dict(metadata or {})     # provenance stored in checkpoints (e.g. the CLI's input paths)
         self.global_step, self.saved_step = 0, None
         self.guard = NonFiniteGuard(config.on_nonfinite, self.accelerator)
@@ -175,10 +180,22 @@ class Trainer:
         train = {id(p) for p in params}
         for p in model.parameters():
             p.requires_grad_(id(p) in train)
-        cfg = self.config
-        optimizer = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        cfg, acc = self.config, self.accelerator
+        self.sharded = cfg.fsdp or acc.distributed_type == DistributedType.FSDP
+        if self.sharded:   # sharded by PyTorch FSDP2 in place (new parameter objects), not wrapped by accelerate
+            from .fsdp import shard
+            names = [n for n, p in model.named_parameters() if id(p) in train]
+            shard(model.to(acc.device))
+            by_name = dict(model.named_parameters())
+            params = [by_name[n] for n in names]
+            self.model, self.optimizer = model, make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                               betas=cfg.betas)
+        else:
+            optimizer = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+            self.model, self.optimizer = acc.prepare(model, optimizer)
         self.params = params
+        ids = {id(p): n for n, p in self.raw_model.named_parameters()}
+        self.param_names = [ids[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
 
     # ------------------------------------------------------------------------------------------ what stages define
 
@@ -248,6 +265,8 @@ class Trainer:
         self.on_train_end(summary)
         if end == cfg.steps and self.is_main:  # finished: the model as the ecosystem shares it
             summary["model"] = str(self.final_model().save(self.checkpoint_dir / "model"))
+        elif end == cfg.steps and self.sharded:
+            self.raw_model.weights()  # the other processes' part of gathering the weights final_model() reads
         self.finish(summary)
         return summary
 
@@ -276,7 +295,8 @@ class Trainer:
                 **({"final_train_loss": losses[-1]} if losses else {}), **self.last_eval, "losses": losses,
                 "skipped_steps": self.guard.skipped, "processes": acc.num_processes,
                 "distributed_type": str(acc.distributed_type),
-                "replica_fingerprints": replica_fingerprints(acc, self.model, "training"),
+                "replica_fingerprints": [] if self.sharded else replica_fingerprints(acc, self.model, "training"),
+                "sharded": self.sharded,
                 "checkpoint": str(self.checkpoint_dir / "last.pt"), "history": rows, "_seconds": seconds}
 
     def finish(self, summary: dict) -> None:
@@ -292,7 +312,8 @@ class Trainer:
                   + (f"; {self.guard.skipped} non-finite batch(es) skipped" if self.guard.skipped else ""))
             for line in self.summary_lines(summary):
                 print(line)
-            print(f"replicas in sync: True ({len(summary['replica_fingerprints'])} fingerprint(s))")
+            print(f"parameters sharded across {summary['processes']} processes (FSDP)" if self.sharded else
+                  f"replicas in sync: True ({len(summary['replica_fingerprints'])} fingerprint(s))")
             print(f"checkpoint {summary['checkpoint']}, metrics {ckpt / 'metrics.jsonl'}"
                   + (f", plot {plot}" if plot else "")
                   + (f", final model {summary['model']}" if "model" in summary else ""))
@@ -317,9 +338,14 @@ class Trainer:
     def restore(self, path: Path) -> None:
         state = read_training_state(path, self.stage)
         self.raw_model.load_weights(state["model"], str(path))
+        saved = state["optimizer"]
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as err:
+            if self.sharded:   # names, as full_optimizer_state writes them
+                load_full_optimizer_state(self.raw_model, self.optimizer, saved if has_names(saved) else
+                                          named_optimizer_state(saved, self.param_names))
+            else:
+                self.optimizer.load_state_dict(indexed_optimizer_state(saved, self.param_names))
+        except (ValueError, KeyError, RuntimeError) as err:
             raise RuntimeError(f"the optimizer state in {path} does not fit this run's trainable parameters "
                                f"({err}); resume with the settings the run was started with") from None
         torch.set_rng_state(state["rng"])
@@ -327,10 +353,18 @@ class Trainer:
         self.load_trainer_state(state["trainer_state"])
 
     def save_checkpoint(self) -> None:
+        weights = optimizer = None
+        if self.sharded:    # gathering is a collective: every process takes part, the main one writes
+            weights = self.raw_model.weights()
+            optimizer = full_optimizer_state(self.raw_model, self.optimizer)
         if self.is_main:
+            if not self.sharded:
+                weights = self.raw_model.weights()
+                optimizer = named_optimizer_state(self.optimizer.state_dict(), self.param_names)
             save_training_state(self.checkpoint_dir / "last.pt", stage=self.stage, step=self.global_step,
-                                model=self.raw_model, optimizer=self.optimizer, trainer_config=asdict(self.config),
-                                trainer_state=self.trainer_state(), metadata=self.metadata)
+                                model=self.raw_model, weights=weights, optimizer=optimizer,
+                                trainer_config=asdict(self.config), trainer_state=self.trainer_state(),
+                                metadata=self.metadata)
         self.saved_step = self.global_step
         self.accelerator.wait_for_everyone()
 
