@@ -32,7 +32,7 @@ class RunConfig:
     mixed_precision: str = option("no", "autocast precision", choices=("no", "fp16", "bf16"))
     cpu: bool = option(False, "run on the CPU even when a GPU is present")
     fsdp: bool = option(False, "shard parameters, gradients and optimizer state across the launched processes "
-                               "(PyTorch FSDP2; also on when accelerate's config says FSDP: configs/fsdp.yaml)")
+                               "(PyTorch FSDP2; also on under an accelerate config whose distributed type is FSDP)")
     quiet: bool = option(False, "no progress bar")
     log_with: str | None = option(None, "also log to an accelerate tracker, e.g. tensorboard or wandb")
 

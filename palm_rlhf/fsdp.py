@@ -3,7 +3,7 @@ state split across processes, each process holding 1/N of them between uses.
 
 The engine is PyTorch's; accelerate still launches the processes, places devices, autocasts and runs backward.
 `Trainer.prepare` calls `shard(model)` when the run asks for it (`--fsdp`, or an accelerate config whose
-distributed type is FSDP: `configs/fsdp.yaml`) instead of handing the model to accelerate's DDP wrapper. Why not
+distributed type is FSDP) instead of handing the model to accelerate's DDP wrapper. Why not
 accelerate's own FSDP wrapping: accelerate 1.15 turns FSDP on for GPUs only (on CPU it silently falls back to DDP,
 so it could not be tested here), and its root unit is gathered by forward alone, while our wrappers also reach their
 heads through other methods (`ActorCritic.values`).

@@ -184,6 +184,9 @@ class Trainer:
         self.sharded = cfg.fsdp or acc.distributed_type == DistributedType.FSDP
         if self.sharded:   # sharded by PyTorch FSDP2 in place (new parameter objects), not wrapped by accelerate
             from .fsdp import shard
+            if acc.scaler is not None:
+                raise ValueError("fp16 loss scaling does not handle sharded gradients: use --mixed-precision bf16 "
+                                 "(or no) with --fsdp")
             names = [n for n, p in model.named_parameters() if id(p) in train]
             shard(model.to(acc.device))
             by_name = dict(model.named_parameters())

@@ -58,3 +58,26 @@ def test_bench_ppo_ours(tmp_path):
     d = run(tmp_path, "bench_ppo.py", "--iterations", "1")
     assert len(d["ppo"]) == 5
     assert positive_numbers(d["ppo"], "samples_per_s", "peak_rss_mb") == 10
+
+
+def test_memory_table_counts_what_the_model_holds(tmp_path):
+    d = run(tmp_path, "memory_table.py", "--presets", "test", "tiny", "--processes", "4", "--seq-len", "64")
+    assert positive_numbers(d["memory"], "ddp_total", "fsdp_total", "params") == 6
+    sys.path.insert(0, str(BENCH))
+    from memory_table import activation_bytes
+    from palm_rlhf import PaLM, PaLMConfig
+    for row in d["memory"]:
+        config = PaLMConfig.preset(row["name"])
+        assert row["params"] == PaLM(config).num_params() == row["trained"]
+        assert row["fsdp"]["adam"] * 4 == row["ddp"]["adam"] and row["fsdp_total"] < row["ddp_total"]
+    for lora_r in (0, 4):   # counted on the meta device (shapes only) == counted on real tensors
+        meta = activation_bytes(PaLMConfig.preset("test"), 2, 32, "meta", lora_r=lora_r)
+        assert meta == activation_bytes(PaLMConfig.preset("test"), 2, 32, "cpu", lora_r=lora_r) > 0
+
+
+@pytest.mark.slow
+def test_bench_fsdp_sampling(tmp_path):
+    """Two processes: sharded sampling gives the unsharded model's tokens, gathered per layer or once."""
+    d = run(tmp_path, "bench_fsdp.py", "--preset", "test", "--new-tokens", "4", "--batch", "2", "--reps", "1")
+    assert d["fsdp_sampling"]["same_tokens"] is True
+    assert positive_numbers(d["fsdp_sampling"], "seconds") == 3
