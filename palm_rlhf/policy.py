@@ -135,7 +135,7 @@ class ActorCritic(Policy):
                 hidden = self.palm(tokens, mask=mask, return_hidden=True)
         else:
             hidden = self.critic_trunk(tokens, mask=mask, return_hidden=True)
-        return self.value_head(hidden).squeeze(-1)
+        return self.value_head(hidden).squeeze(-1).clone()  # not a view: a sharded (FSDP) root warns on views
 
     def forward(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         return self.actor_logits(tokens, mask), self.values(tokens, mask)

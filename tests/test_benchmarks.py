@@ -80,4 +80,5 @@ def test_bench_fsdp_sampling(tmp_path):
     """Two processes: sharded sampling gives the unsharded model's tokens, gathered per layer or once."""
     d = run(tmp_path, "bench_fsdp.py", "--preset", "test", "--new-tokens", "4", "--batch", "2", "--reps", "1")
     assert d["fsdp_sampling"]["same_tokens"] is True
-    assert positive_numbers(d["fsdp_sampling"], "seconds") == 3
+    seconds = d["fsdp_sampling"]["seconds"]
+    assert len(seconds) == 3 and all(math.isfinite(v) and v > 0 for v in seconds.values())
