@@ -16,7 +16,8 @@ over-optimisation panel), from one pretrained checkpoint:
      at several betas (top-k 20, so even beta 0 has a KL > 0);
    each over several seeds (mean and spread). `--methods` runs a subset.
    Each finished run's result is kept in --out/points/; the same command run again (after a crash or Ctrl-C, or with
-   more seeds) reads those back and runs only what is missing. A run whose settings changed is run again.
+   more seeds or settings) reads those back and runs only what is missing; a run whose settings changed (the shared
+   ones, or its own method's) is run again.
 3. frontier.png (gold vs KL; proxy and gold vs sqrt(KL) for best-of-N and the longest PPO run), frontier.json and
    frontier.md (the table), in --out.
 """
@@ -76,12 +77,14 @@ class FrontierConfig:
     ilql_betas: tuple = option((1.0, 4.0, 16.0), "ILQL generation betas")
     methods: tuple = option(METHODS, "which methods to run")
     seeds: int = option(3, "seeds per method")
+    ppo_seeds: int | None = option(None, "seeds of the PPO runs (default: --seeds): PPO costs the most per point")
     prompt_len: int = option(32, "prompt bytes")
     response_len: int = option(64, "response bytes")
     lora_r: int = option(16, "policy LoRA rank (PPO, DPO)")
 
 
-SWEPT = ("methods", "seeds", "best_of", "ppo_kl_coefs", "dpo_betas", "group_kl_coefs")  # a run's own setting is its name
+SWEPT = ("methods", "seeds", "ppo_seeds", "best_of", "ppo_kl_coefs", "dpo_betas", "group_kl_coefs")  # in the run's name
+OWN = ("ppo_", "long_ppo_", "dpo_", "group_", "ilql_")  # settings of one method only: they rerun that method alone
 SHOWN = 3  # responses kept per method (to the first held-out prompts), so a person can see what each one writes
 QUICK = dict(eval_prompts=128, pairs=1500, val_pairs=200, rm_steps=150, best_of=(1, 2, 4, 8), ppo_kl_coefs=(0.05,),
              ppo_steps=12, long_ppo_steps=0, dpo_betas=(0.1,), dpo_steps=60, group_steps=12, ilql_samples=1024,
@@ -123,15 +126,16 @@ class Frontier:
         self.points.append(row)
         self.log(f"{method} {setting} seed {seed}: gold {row['gold']:.3f}, KL {row['kl']:.2f}")
 
-    def cached(self, name: str, run):
+    def cached(self, name: str, own: tuple[str, ...], run):
         """run() once per (name, settings): its JSON result is kept in out/points/NAME.json and read back when the
-        sweep is run again with the same settings (the lists of settings to sweep and the seed count aside)."""
-        path, settings = self.out / "points" / f"{name}.json", {
-            k: v for k, v in asdict(self.cfg).items() if k not in SWEPT}
-        settings = json.loads(json.dumps(settings))  # tuples as lists, as they read back
+        sweep runs again with the same shared settings and the same settings of its own (fields starting with `own`);
+        what is swept (the lists of settings, the seed counts) is in the name."""
+        settings = json.loads(json.dumps(asdict(self.cfg)))  # tuples as lists, as they read back
+        relevant = [k for k in settings if k not in SWEPT and (not k.startswith(OWN) or k.startswith(own))]
+        path = self.out / "points" / f"{name}.json"
         if path.is_file():
             saved = json.loads(path.read_text())
-            if saved["settings"] == settings:
+            if all(saved["settings"].get(k) == settings[k] for k in relevant):
                 return saved["result"]
             self.log(f"{name}: settings changed since it ran, running it again")
         result = run()
@@ -290,27 +294,29 @@ class Frontier:
             self.points = [p for p in self.points if p["method"] != "best-of-N" or p["setting"] == "N=1"]
             self.curves.pop("best-of-N")
         for seed in range(c.seeds):
-            for coef in c.ppo_kl_coefs if "ppo" in c.methods else ():
-                run = self.cached(f"ppo-kl{coef}-s{seed}", lambda: self.ppo(self.rm, coef, seed, c.ppo_steps,
-                                                                           f"ppo-kl{coef}"))
-                self.add("PPO (reward model)", f"kl_coef={coef}", seed, run["result"])
-            if "ppo-gold" in c.methods:
-                run = self.cached(f"ppo-gold-s{seed}", lambda: self.ppo(None, c.ppo_kl_coefs[0], seed, c.ppo_steps,
-                                                                       "ppo-gold"))
-                self.add("PPO (gold reward)", f"kl_coef={c.ppo_kl_coefs[0]}", seed, run["result"])
             for beta in c.dpo_betas if "dpo" in c.methods else ():
-                run = self.cached(f"dpo-beta{beta}-s{seed}", lambda: self.dpo(train, val, beta, seed))
+                run = self.cached(f"dpo-beta{beta}-s{seed}", ("dpo_",), lambda: self.dpo(train, val, beta, seed))
                 self.add("DPO", f"beta={beta}", seed, run["result"], pair_acc=run["val_acc"])
             for algo in ("grpo", "rloo"):
                 for coef in c.group_kl_coefs if algo in c.methods else ():
-                    result = self.cached(f"{algo}-kl{coef}-s{seed}", lambda: self.group(algo, coef, seed))
+                    result = self.cached(f"{algo}-kl{coef}-s{seed}", ("group_",), lambda: self.group(algo, coef, seed))
                     self.add(algo.upper(), f"kl_coef={coef}", seed, result)
             if "ilql" in c.methods:
-                for beta, result in self.cached(f"ilql-s{seed}", lambda: self.ilql(seed)):
+                for beta, result in self.cached(f"ilql-s{seed}", ("ilql_",), lambda: self.ilql(seed)):
                     self.add("ILQL (offline)", f"beta={beta:g}", seed, result)
+        for seed in range(c.seeds if c.ppo_seeds is None else c.ppo_seeds):
+            for coef in c.ppo_kl_coefs if "ppo" in c.methods else ():
+                run = self.cached(f"ppo-kl{coef}-s{seed}", ("ppo_",), lambda: self.ppo(
+                    self.rm, coef, seed, c.ppo_steps, f"ppo-kl{coef}"))
+                self.add("PPO (reward model)", f"kl_coef={coef}", seed, run["result"])
+            if "ppo-gold" in c.methods:
+                run = self.cached(f"ppo-gold-s{seed}", ("ppo_",), lambda: self.ppo(
+                    None, c.ppo_kl_coefs[0], seed, c.ppo_steps, "ppo-gold"))
+                self.add("PPO (gold reward)", f"kl_coef={c.ppo_kl_coefs[0]}", seed, run["result"])
         if c.long_ppo_steps and "ppo" in c.methods:
             coef = min(c.ppo_kl_coefs)
-            run = self.cached(f"ppo-long-kl{coef}", lambda: self.ppo(self.rm, coef, 0, c.long_ppo_steps, "ppo-long"))
+            run = self.cached(f"ppo-long-kl{coef}", ("ppo_", "long_ppo_"), lambda: self.ppo(
+                self.rm, coef, 0, c.long_ppo_steps, "ppo-long"))
             self.curves["PPO (long run, rollouts)"] = [
                 {"kl": r["kl"], "gold": r["gold_score"], "proxy": r["rm_score"]} for r in run["history"]]
         report = {"config": asdict(c), "init": str(self.init), "reference": self.reference,
@@ -386,7 +392,7 @@ def main(argv=None) -> dict:
         f"{k}={v}" for k, v in QUICK.items()))
     parser.add_argument("--verbose", action="store_true", help="progress bars of every run")
     for f in fields(FrontierConfig):
-        kind = type(f.default)
+        kind = int if f.default is None else type(f.default)
         if f.name == "methods":
             parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help=f.metadata["help"])
         elif kind is tuple:

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 
-
 def is_sharded(model: nn.Module | list) -> bool:
     """Whether a model (or a list of parameters) holds FSDP-sharded parameters (DTensors)."""
     from torch.distributed.tensor import DTensor
