@@ -183,9 +183,8 @@ class Frontier:
             right += ((s[:, 0] > s[:, 1]) == torch.tensor([label for _, label in chunk])).sum().item()
         return right / max(len(rows), 1)
 
-    def best_of_n(self, rm: RewardModel) -> None:
-        """One draw of max(N) reference samples per prompt; best-of-N for each N reads its first N."""
-        c, n_max = self.cfg, max(self.cfg.best_of)
+    def reference_draw(self, rm: RewardModel, n_max: int) -> dict:
+        """n_max reference samples per held-out prompt: gold and proxy scores (prompts x n_max), the first texts."""
         base = Policy(PaLM.load(self.init), lora=LoRAConfig(r=1))  # adapter B = 0: the reference itself
         g = torch.Generator().manual_seed(12345)
         gold, proxy, texts = [], [], []
@@ -196,7 +195,13 @@ class Frontier:
             if chunk == 0:
                 texts = [decode_bytes(t[m].tolist()) for t, m in zip(gen.tokens[:SHOWN * n_max].cpu(),
                                                                       gen.mask[:SHOWN * n_max].cpu())]
-        gold, proxy = torch.cat(gold), torch.cat(proxy)
+        return {"gold": torch.cat(gold).tolist(), "proxy": torch.cat(proxy).tolist(), "texts": texts}
+
+    def best_of_n(self, rm: RewardModel) -> None:
+        """One draw of max(N) reference samples per prompt; best-of-N for each N reads its first N."""
+        c, n_max = self.cfg, max(self.cfg.best_of)
+        draw = self.cached(f"reference-{n_max}-samples", (), lambda: self.reference_draw(rm, n_max))
+        gold, proxy, texts = torch.tensor(draw["gold"]), torch.tensor(draw["proxy"]), draw["texts"]
         self.reference = {"gold": gold[:, 0].mean().item(), "gold_std": gold[:, 0].std().item(),
                           "proxy": proxy[:, 0].mean().item()}
         curve = []
