@@ -66,6 +66,8 @@ class FrontierConfig:
     best_of: tuple = option((1, 2, 4, 8, 16, 32, 64), "best-of-N values")
     ppo_kl_coefs: tuple = option((0.02, 0.05, 0.2), "fixed KL coefficients of the PPO runs on the reward model")
     ppo_steps: int = option(40, "PPO iterations per run")
+    ppo_normalize_reward: bool = option(True, "PPO's rewards divided by their running sd after the running mean is "
+                                        "taken off (a Bradley-Terry reward model's offset is arbitrary: README)")
     long_ppo_steps: int = option(80, "iterations of the one PPO run pushed past its KL budget (0 = none)")
     dpo_betas: tuple = option((0.05, 0.1, 0.3), "DPO betas")
     dpo_steps: int = option(200, "DPO steps per run")
@@ -224,7 +226,7 @@ class Frontier:
         cfg = PPOConfig(steps=steps, lr=5e-4, prompts_per_iter=16, minibatch_size=8, ppo_epochs=4,
                         max_new_tokens=c.response_len, kl_coef=kl_coef, adaptive_kl=False, eval_prompts=2,
                         best_of=0, seed=seed, quiet=self.quiet, critic_from_reward=rm is not None,
-                        normalize_reward=rm is None,  # a judge's sparse scores (mostly 0): measured in README
+                        normalize_reward=c.ppo_normalize_reward or rm is None,  # README says why, for each
                         checkpoint_interval=max(steps, 1), checkpoint_dir=str(self.out / "runs" / f"{name}-s{seed}"))
         summary = PPOTrainer(ac, reward, self.prompts, cfg, gold_fn=self.judge).train()
         result = self.evaluate(ac, reward_function(reward), seed)
@@ -400,6 +402,9 @@ def main(argv=None) -> dict:
         kind = int if f.default is None else type(f.default)
         if f.name == "methods":
             parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help=f.metadata["help"])
+        elif kind is bool:
+            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=None,
+                                help=f.metadata["help"])
         elif kind is tuple:
             parser.add_argument("--" + f.name.replace("_", "-"), type=float if "kl" in f.name or "beta" in f.name
                                 else int, nargs="+", default=None, help=f.metadata["help"])
