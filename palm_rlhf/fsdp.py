@@ -10,7 +10,7 @@ heads through other methods (`ActorCritic.values`).
 
 Units: every transformer block, each PaLM (token embedding, tied output, final norm), then the model itself (what
 is left: reward / value / Q heads, segment embeddings), gathered by its forward and by the methods a class lists in
-`fsdp_methods` (e.g. `ActorCritic.values`). LoRA adapters live inside the blocks'
+`fsdp_methods` (e.g. `ActorCritic.values`, `PaLM.to_logits`). LoRA adapters live inside the blocks'
 linears and are sharded with their block; the frozen base and the trainable adapters share a unit (FSDP2 shards
 per parameter and reduce-scatters only the gradients there are).
 
@@ -51,8 +51,9 @@ def shard(model: nn.Module, *, reshard_after_forward: bool = True, mp_policy=Non
         fully_shard(m, **kwargs)
     if not isinstance(model, FSDPModule):   # the root: whatever is left (heads, segment embeddings)
         fully_shard(model, **kwargs)
-    for name in getattr(model, "fsdp_methods", ()):   # entry points other than forward that use the root's weights
-        register_fsdp_forward_method(model, name)
+    for m in [model, *palms]:   # entry points other than forward that use a unit's weights
+        for name in getattr(m, "fsdp_methods", ()):
+            register_fsdp_forward_method(m, name)
     # FSDP2 picks its root unit by which runs forward first; our wrappers often call their PaLM directly (sampling,
     # actor_logits), which would make the PaLM the root. Settle it now (torch has no public call for this yet).
     model._get_fsdp_state()._lazy_init()

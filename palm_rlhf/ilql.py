@@ -79,7 +79,7 @@ class ILQLModel(Policy):
         """Per position: policy logits, both Q heads (not when sampling), both targets (b, n, vocab) and V (b, n)."""
         with self.generation_context():
             hidden = self.palm(tokens, mask=mask, cache=cache, return_hidden=True)
-        return {"logits": hidden @ self.palm.token_emb.weight.t(),
+        return {"logits": self.palm.to_logits(hidden),
                 "q": [] if sampling else [q(hidden) for q in self.q_heads],
                 "target_q": [q(hidden).detach() for q in self.target_q_heads], "v": self.v_head(hidden).squeeze(-1)}
 

@@ -202,6 +202,8 @@ class PaLM(Checkpointable, nn.Module):
     policy_scope: the LoRA scope that, merged, makes this model the policy (SFT trains one; None: the base).
     """
 
+    fsdp_methods = ("to_logits",)  # entry points besides forward that use the weights (see fsdp.shard)
+
     @beartype
     def __init__(self, config: PaLMConfig):
         super().__init__()
@@ -319,6 +321,10 @@ class PaLM(Checkpointable, nn.Module):
         if return_hidden:
             return x
         return x @ self.token_emb.weight.t()                                        # tied output embedding
+
+    def to_logits(self, hidden: Tensor) -> Tensor:
+        """Final hidden states (forward's return_hidden) -> logits, through the tied output embedding."""
+        return hidden @ self.token_emb.weight.t()
 
     def loss(self, tokens: Tensor, *, loss_mask: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """Mean next-token cross entropy (nats). Every byte, 0 included, is a real target.

@@ -320,7 +320,8 @@ class Trainer:
             print(f"checkpoint {summary['checkpoint']}, metrics {ckpt / 'metrics.jsonl'}"
                   + (f", plot {plot}" if plot else "")
                   + (f", final model {summary['model']}" if "model" in summary else ""))
-        self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:   # not end_training(): it also ends the process group, which
+            tracker.finish()                        # the next trainer of a composed script needs
 
     def plot(self, path: Path) -> Path | None:
         if not self.plots or not self.log.rows:

@@ -26,12 +26,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script_args, tmp_path, timeout=240):
+def torchrun(script_args, tmp_path, timeout=240, script=ROOT / "train.py"):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "train.py"), *script_args]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *script_args]
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
 
 
@@ -57,8 +57,12 @@ def assert_same_run(a, b, key="loss"):
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
 
 
-def run(args, tmp_path, ckpt, *extra):
-    result = torchrun([*args, "--checkpoint-dir", str(ckpt), "--quiet", *extra], tmp_path)
+def run(runs, tmp_path) -> str:
+    """Each (train.py arguments, checkpoint dir, *extra arguments) in turn, in one 2-process launch."""
+    commands = tmp_path / f"commands-{free_port()}.json"
+    commands.write_text(json.dumps([[*args, "--checkpoint-dir", str(ckpt), "--quiet", *extra]
+                                    for args, ckpt, *extra in runs]))
+    result = torchrun([str(commands)], tmp_path, timeout=300, script=ROOT / "tests" / "launch_many.py")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -74,20 +78,19 @@ def base(tmp_path_factory):
 def test_pretraining_ddp_keeps_replicas_identical_and_sharded_takes_the_same_steps(text_file, tmp_path):
     args = ["pretrain", "--preset", "test", "--data", str(text_file), "--steps", "4", "--seq-len", "32",
             "--batch-size", "4", "--eval-interval", "4", "--eval-batches", "2", "--sample-interval", "0"]
-    out = run(args, tmp_path, tmp_path / "ddp")
+    ddp, fsdp, halves = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "halves"
+    out = run([(args, ddp), (args, fsdp, "--fsdp"), (args, halves, "--fsdp", "--stop-after", "2"),
+               (args, halves, "--fsdp", "--resume", "auto")], tmp_path)
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["processes"] == 2 and "MULTI_CPU" in summary["distributed_type"], summary
     a, b = summary["replica_fingerprints"]
     assert a == b  # each rank drew different batches: equal weights means gradients were all-reduced
     assert "replicas in sync: True (2 fingerprint(s))" in out and not summary["sharded"]
-    out = run(args, tmp_path, tmp_path / "fsdp", "--fsdp")
     assert "parameters sharded across 2 processes (FSDP)" in out
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert summary["sharded"] and summary["processes"] == 2
     assert_same_run(tmp_path / "ddp", tmp_path / "fsdp")
     # stopped after 2 steps, resumed: the same weights and optimizer state as the run that was not interrupted
-    run(args, tmp_path, tmp_path / "halves", "--fsdp", "--stop-after", "2")
-    run(args, tmp_path, tmp_path / "halves", "--fsdp", "--resume", "auto")
     assert_same_run(tmp_path / "fsdp", tmp_path / "halves")
     a, b = (torch.load(p / "last.pt", weights_only=True)["optimizer"] for p in (tmp_path / "fsdp", tmp_path / "halves"))
     assert a["state"].keys() == b["state"].keys() and all(isinstance(k, str) for k in a["state"])  # by name
@@ -95,7 +98,6 @@ def test_pretraining_ddp_keeps_replicas_identical_and_sharded_takes_the_same_ste
         torch.testing.assert_close(a["state"][k]["exp_avg_sq"], b["state"][k]["exp_avg_sq"], rtol=0, atol=1e-9)
     # the exported model is a plain single file, and the sharded checkpoint resumes in one unsharded process
     assert PaLM.load(tmp_path / "fsdp" / "model").num_params() == PaLM(PaLMConfig.preset("test")).num_params()
-    halves = tmp_path / "halves"
     summary = cli.main([*args[:args.index("--steps")], "--steps", "6", *args[args.index("--steps") + 2:],
                         "--checkpoint-dir", str(halves), "--quiet", "--resume", "auto"])
     assert summary["final_step"] == 6 and summary["processes"] == 1 and all(map(torch.isfinite,
@@ -103,9 +105,13 @@ def test_pretraining_ddp_keeps_replicas_identical_and_sharded_takes_the_same_ste
 
 
 def test_fine_tuning_stages_sharded_equal_ddp(base, tmp_path):
+    """Reward model, DPO, SFT and ILQL (its Q/V heads and Polyak targets in the root unit) under FSDP and DDP."""
     prefs, demos = tmp_path / "prefs.jsonl", tmp_path / "demos.jsonl"
     prefs.write_text("\n".join(json.dumps(p) for p in PAIRS))
     demos.write_text("\n".join(json.dumps(d) for d in DEMOS))
+    scored = tmp_path / "scored.jsonl"   # ILQL's data: scored responses
+    scored.write_text("\n".join(json.dumps({"prompt": p["prompt"], "response": r, "reward": float(r == p["chosen"])})
+                                for p in PAIRS for r in (p["chosen"], p["rejected"])))
     stages = {
         "reward": ["reward", "--init", str(base), "--train", str(prefs), "--steps", "3", "--batch-size", "4",
                    "--max-len", "24", "--pool", "sum", "--lora-r", "4"],
@@ -113,10 +119,12 @@ def test_fine_tuning_stages_sharded_equal_ddp(base, tmp_path):
                 "--max-len", "24", "--eval-prompts", "2", "--max-new-tokens", "4", "--lora-r", "4"],
         "sft": ["sft", "--init", str(base), "--train", str(demos), "--steps", "3", "--batch-size", "4",
                 "--max-len", "24", "--lora-r", "4"],
+        "ilql": ["ilql", "--init", str(base), "--train", str(scored), "--steps", "3", "--batch-size", "4",
+                 "--max-len", "24", "--eval-prompts", "2", "--max-new-tokens", "4", "--lora-r", "4"],
     }
-    for name, args in stages.items():
-        run(args, tmp_path, tmp_path / f"{name}-ddp")
-        run(args, tmp_path, tmp_path / f"{name}-fsdp", "--fsdp")
+    run([(args, tmp_path / f"{name}-{mode}", *extra) for name, args in stages.items()
+         for mode, extra in (("ddp", []), ("fsdp", ["--fsdp"]))], tmp_path)
+    for name in stages:
         assert_same_run(tmp_path / f"{name}-ddp", tmp_path / f"{name}-fsdp")
         assert (tmp_path / f"{name}-fsdp" / "model" / "model.safetensors").is_file()
 
@@ -131,11 +139,12 @@ def test_online_rl_with_sharded_rollouts_equals_ddp(base, text_file, tmp_path):
     common = ["--init", str(base), "--reward", str(tmp_path / "rm" / "last.pt"), "--steps", "2", "--prompt-len", "8",
               "--prompts-per-iter", "4", "--minibatch-size", "2", "--max-new-tokens", "8", "--eval-prompts", "4",
               "--best-of", "0", "--data", str(text_file)]
-    for algo, extra in (("ppo", ["--ppo-epochs", "2"]), ("grpo", ["--group-size", "2"])):
-        run([algo, *common, *extra], tmp_path, tmp_path / f"{algo}-ddp")
+    algos = {"ppo": ["--ppo-epochs", "2"], "grpo": ["--group-size", "2"]}
+    run([([algo, *common, *extra], tmp_path / f"{algo}-{mode}", *flag) for algo, extra in algos.items()
+         for mode, flag in (("ddp", []), ("fsdp", ["--fsdp"]))], tmp_path)
+    for algo in algos:
         summary = json.loads((tmp_path / f"{algo}-ddp" / "eval.json").read_text())   # each rank its own prompts
         assert summary["processes"] == 2 and len(set(summary["replica_fingerprints"])) == 1
-        run([algo, *common, *extra], tmp_path, tmp_path / f"{algo}-fsdp", "--fsdp")
         for key in ("policy_loss", "kl", "rm_score"):
             torch.testing.assert_close(metric(tmp_path / f"{algo}-ddp", key), metric(tmp_path / f"{algo}-fsdp", key),
                                        rtol=1e-5, atol=1e-7)
