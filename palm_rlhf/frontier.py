@@ -100,9 +100,10 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 class Frontier:
     def __init__(self, init: str, corpus: torch.Tensor, out: Path, cfg: FrontierConfig, quiet: bool = True, *,
-                 pairs: tuple[str, str] | None = None, reward: str | None = None):
+                 pairs: tuple[str, str] | None = None, reward: str | None = None, report_only: bool = False):
         self.init, self.corpus, self.out, self.cfg, self.quiet = init, corpus, out, cfg, quiet
         self.given_pairs, self.given_reward = pairs, reward  # bring your own preference files / reward model
+        self.report_only, self.missing, self.run_seconds = report_only, [], []  # see cached()
         self.judge = load_judge(cfg.judge)
         self.prompts = prompt_sampler(corpus, cfg.prompt_len)
         self.eval_set = prompt_windows(corpus, cfg.eval_prompts, cfg.prompt_len, seed=987_654)
@@ -138,11 +139,17 @@ class Frontier:
         if path.is_file():
             saved = json.loads(path.read_text())
             if all(saved["settings"].get(k) == settings[k] for k in relevant):
+                self.run_seconds.append(saved.get("seconds"))
                 return saved["result"]
-            self.log(f"{name}: settings changed since it ran, running it again")
+            self.log(f"{name}: settings changed since it ran, " + ("left out" if self.report_only else "running it again"))
+        if self.report_only:
+            self.missing.append(name)
+            return None
+        t0 = time.time()
         result = run()
+        self.run_seconds.append(time.time() - t0)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps({"settings": settings, "result": result}), path)
+        atomic_write_text(json.dumps({"settings": settings, "result": result, "seconds": self.run_seconds[-1]}), path)
         return result
 
     # ------------------------------------------------------------------------------------------------ stages
@@ -203,6 +210,9 @@ class Frontier:
         """One draw of max(N) reference samples per prompt; best-of-N for each N reads its first N."""
         c, n_max = self.cfg, max(self.cfg.best_of)
         draw = self.cached(f"reference-{n_max}-samples", (), lambda: self.reference_draw(rm, n_max))
+        if draw is None:
+            raise FileNotFoundError(f"--report-only: no reference draw of {n_max} samples per prompt in "
+                                    f"{self.out / 'points'}; run the sweep first")
         gold, proxy, texts = torch.tensor(draw["gold"]), torch.tensor(draw["proxy"]), draw["texts"]
         self.reference = {"gold": gold[:, 0].mean().item(), "gold_std": gold[:, 0].std().item(),
                           "proxy": proxy[:, 0].mean().item()}
@@ -302,33 +312,38 @@ class Frontier:
             self.curves.pop("best-of-N")
         for seed in range(c.seeds):
             for beta in c.dpo_betas if "dpo" in c.methods else ():
-                run = self.cached(f"dpo-beta{beta}-s{seed}", ("dpo_",), lambda: self.dpo(train, val, beta, seed))
-                self.add("DPO", f"beta={beta}", seed, run["result"], pair_acc=run["val_acc"])
+                if run := self.cached(f"dpo-beta{beta}-s{seed}", ("dpo_",), lambda: self.dpo(train, val, beta, seed)):
+                    self.add("DPO", f"beta={beta}", seed, run["result"], pair_acc=run["val_acc"])
             for algo in ("grpo", "rloo"):
                 for coef in c.group_kl_coefs if algo in c.methods else ():
-                    result = self.cached(f"{algo}-kl{coef}-s{seed}", ("group_",), lambda: self.group(algo, coef, seed))
-                    self.add(algo.upper(), f"kl_coef={coef}", seed, result)
+                    if result := self.cached(f"{algo}-kl{coef}-s{seed}", ("group_",),
+                                             lambda: self.group(algo, coef, seed)):
+                        self.add(algo.upper(), f"kl_coef={coef}", seed, result)
             if "ilql" in c.methods:
-                for beta, result in self.cached(f"ilql-s{seed}", ("ilql_",), lambda: self.ilql(seed)):
+                for beta, result in self.cached(f"ilql-s{seed}", ("ilql_",), lambda: self.ilql(seed)) or ():
                     self.add("ILQL (offline)", f"beta={beta:g}", seed, result)
         for seed in range(c.seeds if c.ppo_seeds is None else c.ppo_seeds):
             for coef in c.ppo_kl_coefs if "ppo" in c.methods else ():
-                run = self.cached(f"ppo-kl{coef}-s{seed}", ("ppo_",), lambda: self.ppo(
-                    self.rm, coef, seed, c.ppo_steps, f"ppo-kl{coef}"))
-                self.add("PPO (reward model)", f"kl_coef={coef}", seed, run["result"])
+                if run := self.cached(f"ppo-kl{coef}-s{seed}", ("ppo_",), lambda: self.ppo(
+                        self.rm, coef, seed, c.ppo_steps, f"ppo-kl{coef}")):
+                    self.add("PPO (reward model)", f"kl_coef={coef}", seed, run["result"])
             if "ppo-gold" in c.methods:
-                run = self.cached(f"ppo-gold-s{seed}", ("ppo_",), lambda: self.ppo(
-                    None, c.ppo_kl_coefs[0], seed, c.ppo_steps, "ppo-gold"))
-                self.add("PPO (gold reward)", f"kl_coef={c.ppo_kl_coefs[0]}", seed, run["result"])
+                if run := self.cached(f"ppo-gold-s{seed}", ("ppo_",), lambda: self.ppo(
+                        None, c.ppo_kl_coefs[0], seed, c.ppo_steps, "ppo-gold")):
+                    self.add("PPO (gold reward)", f"kl_coef={c.ppo_kl_coefs[0]}", seed, run["result"])
         if c.long_ppo_steps and "ppo" in c.methods:
             coef = min(c.ppo_kl_coefs)
-            run = self.cached(f"ppo-long-kl{coef}", ("ppo_", "long_ppo_"), lambda: self.ppo(
-                self.rm, coef, 0, c.long_ppo_steps, "ppo-long"))
-            self.curves["PPO (long run, rollouts)"] = [
-                {"kl": r["kl"], "gold": r["gold_score"], "proxy": r["rm_score"]} for r in run["history"]]
+            if run := self.cached(f"ppo-long-kl{coef}", ("ppo_", "long_ppo_"), lambda: self.ppo(
+                    self.rm, coef, 0, c.long_ppo_steps, "ppo-long")):
+                self.curves["PPO (long run, rollouts)"] = [
+                    {"kl": r["kl"], "gold": r["gold_score"], "proxy": r["rm_score"]} for r in run["history"]]
+        if self.missing:
+            self.log(f"--report-only: {len(self.missing)} runs not done yet, left out: {', '.join(self.missing)}")
         report = {"config": asdict(c), "init": str(self.init), "reference": self.reference,
                   "reward_model": self.rm_accuracy, "points": self.points, "table": self.table(),
-                  "curves": self.curves, "minutes": (time.time() - t0) / 60}
+                  "curves": self.curves, "minutes": (time.time() - t0) / 60, "missing": self.missing,
+                  "run_minutes": sum(x for x in self.run_seconds if x is not None) / 60,
+                  "runs_without_time": sum(x is None for x in self.run_seconds)}
         atomic_write_text(json.dumps(report, indent=1), self.out / "frontier.json")
         atomic_write_text("\n".join(self.markdown(report)) + "\n", self.out / "frontier.md")
         self.plot()
@@ -350,7 +365,9 @@ class Frontier:
         ref, rm = report["reference"], report["reward_model"]
         lines = [f"{len(self.eval_set)} held-out prompts; reference policy gold {ref['gold']:.3f} (sd "
                  f"{ref['gold_std']:.3f} over prompts); reward model held-out accuracy vs the gold judge "
-                 f"{rm['val_gold_acc']:.1%}; {report['minutes']:.0f} minutes.", "",
+                 f"{rm['val_gold_acc']:.1%}; the runs took {report['run_minutes']:.0f} minutes"
+                 + (f" ({report['runs_without_time']} runs' times not recorded)" if report["runs_without_time"] else "")
+                 + (f"; not run yet: {', '.join(report['missing'])}" if report["missing"] else "") + ".", "",
                  "| method | setting | seeds | gold score | gain (reference sd) | KL (nats/response) |",
                  "|---|---|---|---|---|---|"]
         for r in report["table"]:
@@ -398,6 +415,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a first look: " + ", ".join(
         f"{k}={v}" for k, v in QUICK.items()))
     parser.add_argument("--verbose", action="store_true", help="progress bars of every run")
+    parser.add_argument("--report-only", action="store_true", help="run nothing: the table, plot and files from the "
+                        "runs already done in --out (the others are listed as missing)")
     for f in fields(FrontierConfig):
         kind = int if f.default is None else type(f.default)
         if f.name == "methods":
@@ -419,7 +438,8 @@ def main(argv=None) -> dict:
     if (args.train is None) != (args.val is None):
         parser.error("--train and --val go together")
     return Frontier(args.init, load_corpus(args.data, data_dir=args.data_dir), out, cfg, quiet=not args.verbose,
-                    pairs=(args.train, args.val) if args.train else None, reward=args.reward).run()
+                    pairs=(args.train, args.val) if args.train else None, reward=args.reward,
+                    report_only=args.report_only).run()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ def test_frontier_runs_every_method(tmp_path, text_file):
     shutil.rmtree(tmp_path / "f" / "runs")
     rerun = main(argv)
     assert rerun["table"] == report["table"] and not (tmp_path / "f" / "runs").exists()
+    # --report-only runs nothing: with one more seed asked for, that seed's runs are listed as missing
+    shown = main(argv[:argv.index("--seeds") + 1] + ["3"] + argv[argv.index("--seeds") + 2:] + ["--report-only"])
+    assert not (tmp_path / "f" / "runs").exists() and shown["table"] == report["table"]
+    assert "dpo-beta0.1-s2" in shown["missing"] and "not run yet: " in (tmp_path / "f" / "frontier.md").read_text()
     # one more seed: only that seed's runs are trained
     more = main(argv[:argv.index("--seeds") + 1] + ["3"] + argv[argv.index("--seeds") + 2:])
     assert {p.name.rsplit("-s", 1)[1] for p in (tmp_path / "f" / "runs").iterdir()} == {"2"}
