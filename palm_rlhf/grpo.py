@@ -37,7 +37,7 @@ from .config import RunConfig
 from .judges import Judge, judge_texts
 from .metrics import save_plot
 from .policy import Policy
-from .rollout import OnlineRLTrainer, gold_panels, response_logprobs, sample, score
+from .rollout import OnlineRLTrainer, clip_rewards, gold_panels, response_logprobs, sample, score
 from .training import clip_gradients
 from .utils import exists, option, require
 
@@ -67,7 +67,8 @@ class GroupConfig(RunConfig):
     minibatch_size: int = option(16, "responses per learning minibatch")
     clip_low: float = option(0.2, "ratio clip below 1 (1 - clip_low)")
     clip_high: float = option(0.2, "ratio clip above 1 (1 + clip_high; DAPO's clip-higher uses 0.28)")
-    reward_clip: float = option(10.0, "clip scores to +-this (0 = off)")
+    reward_clip: float = option(0.0, "clip scores to +-this (0 = off: group advantages ignore the scores' offset and "
+                                     "scale, which a clip would not)")
     eval_prompts: int = option(256, "held-out prompts for the before/after table")
     best_of: int = option(8, "N of the best-of-N baseline in the table (0 or 1 = skip)")
 
@@ -168,8 +169,7 @@ class GroupTrainer(OnlineRLTrainer):
         old, ref = torch.cat(old).float(), torch.cat(ref).float()
         seq_kl = ((old - ref) * mask).sum(1)                                      # k1, per response
         s = scores.float()
-        if cfg.reward_clip > 0:
-            s = s.clamp(-cfg.reward_clip, cfg.reward_clip)
+        s, self.clipped_share = clip_rewards(s, cfg.reward_clip, first=self.global_step == 0)
         rewards = s - cfg.kl_coef * seq_kl if self.kl_in_reward else s
         advantages = group_advantages(rewards, cfg.group_size, leave_one_out=self.leave_one_out,
                                       scale=cfg.scale_rewards)
@@ -227,6 +227,7 @@ class GroupTrainer(OnlineRLTrainer):
         out = {"rm_score": acc.reduce(memory["scores"].mean().reshape(1), "mean").item(),
                "kl": acc.reduce(memory["seq_kl"].mean().reshape(1), "mean").item(),
                "flat_groups": (groups.std(dim=1) == 0).float().mean().item(),   # groups that teach nothing
+               "rewards_clipped": self.clipped_share,
                "samples_per_s": n / elapsed, "rollout_s": t_rollout, "learn_s": elapsed - t_rollout, **stats}
         if exists(self.gold_fn):
             out["gold_score"] = judge_texts(self.gold_fn, memory["sequences"][:, memory["prompt_len"]:],

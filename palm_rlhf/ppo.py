@@ -32,7 +32,7 @@ from .config import RunConfig
 from .metrics import save_plot
 from .policy import ActorCritic
 from .judges import Judge, judge_texts
-from .rollout import OnlineRLTrainer, entropy, gold_panels, response_logprobs, sample, score
+from .rollout import OnlineRLTrainer, clip_rewards, entropy, gold_panels, response_logprobs, sample, score
 from .training import clip_gradients
 from .utils import exists, masked_mean, masked_whiten, option, require
 
@@ -62,7 +62,8 @@ class PPOConfig(RunConfig):
     clip_value: float = option(0.2, "value clip range")
     value_coef: float = option(0.1, "weight of the value loss")
     entropy_coef: float = option(0.0, "weight of the entropy bonus")
-    reward_clip: float = option(10.0, "clip reward-model scores to +-this (0 = off)")
+    reward_clip: float = option(10.0, "clip rewards to +-this, after --normalize-reward when it is on (0 = off); "
+                                      "a run whose first rewards are mostly outside it stops with the fix")
     normalize_reward: bool = option(False, "normalise scores by their running mean and std")
     whiten_advantages: bool = option(True, "whiten advantages over each step's real tokens")
     early_stop_kl: float = option(0.0, "stop a step's epochs when a minibatch's approximate KL exceeds this (0 = off)")
@@ -248,8 +249,7 @@ class PPOTrainer(OnlineRLTrainer):
         if cfg.normalize_reward:
             self.reward_moments.update(acc.gather(s))
             s = (s - self.reward_moments.mean) / self.reward_moments.std
-        if cfg.reward_clip > 0:
-            s = s.clamp(-cfg.reward_clip, cfg.reward_clip)
+        s, self.clipped_share = clip_rewards(s, cfg.reward_clip, first=self.global_step == 0)
         rewards = -self.kl_ctl.kl_coef * kl
         rewards[torch.arange(b, device=seq.device), action_mask.long().sum(dim=1) - 1] += s
         values = values * fmask
@@ -325,7 +325,7 @@ class PPOTrainer(OnlineRLTrainer):
                "kl_coef": kl_coef, "response_tokens": m.sum(1).mean().item(),
                "explained_variance": explained_variance(memory.values, memory.returns, memory.action_mask),
                "samples_per_s": n / elapsed, "tokens_per_s": acc.reduce(m.sum().reshape(1), "sum").item() / elapsed,
-               "rollout_s": t_rollout, "learn_s": elapsed - t_rollout, **stats}
+               "rollout_s": t_rollout, "learn_s": elapsed - t_rollout, "rewards_clipped": self.clipped_share, **stats}
         if exists(self.gold_fn):
             out["gold_score"] = judge_texts(self.gold_fn, memory.sequences[:, memory.prompt_len:],
                                       memory.action_mask).mean().item()

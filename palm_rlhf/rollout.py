@@ -58,6 +58,22 @@ def freeze_reward_model(reward_model, actor_critic: Policy, device) -> RewardFn:
     return reward_function(reward_model)
 
 
+def clip_rewards(scores: Tensor, clip: float, first: bool) -> tuple[Tensor, float]:
+    """Scores clamped to +-clip (0: left alone) and the share that was clamped. On a run's first rollout, more than
+    half clamped is refused: clamped, the scores are nearly constant and the policy learns nothing from them. (A
+    Bradley-Terry reward model's offset is arbitrary: one trained to 85% scored reference samples at 14.8 +- 1.5,
+    all of them above a clip of 10.)"""
+    if clip <= 0:
+        return scores, 0.0
+    share = (scores.abs() > clip).float().mean().item()
+    if first and share > 0.5:
+        raise ValueError(f"{share:.0%} of the first rollout's rewards lie outside +-{clip:g} (mean "
+                         f"{scores.mean().item():.2f}, sd {scores.std().item():.2f}): clipped, they are nearly "
+                         f"constant and the policy would learn nothing from them. Normalise them (--normalize-reward), "
+                         f"turn clipping off (--reward-clip 0) or clip above their range")
+    return scores.clamp(-clip, clip), share
+
+
 def response_logprobs(logits: Tensor, sequences: Tensor, prompt_len: int, temperature: float):
     """log-probs (b, t) of the response tokens and the log-distribution (b, t, v) they were sampled from."""
     logp = process_logits(logits[:, prompt_len - 1:-1], temperature)
