@@ -113,3 +113,27 @@ def test_cli_resume_equals_uninterrupted(base, tmp_path, text_file, stage):  # n
     assert full["results"] == rest["results"]
     assert (tmp_path / "full" / f"{stage}.png").is_file() and (tmp_path / "full" / "model").is_dir()
     assert "gold_gain_in_std" in json.loads((tmp_path / "full" / "eval.json").read_text())
+
+
+def offset_reward(tokens, mask, response_mask):
+    """The toy reward plus a large constant: a reward model's offset is arbitrary."""
+    return count_reward(tokens, mask, response_mask) + 15.0
+
+
+def test_rewards_outside_the_clip_stop_the_run_with_the_fix(base):  # noqa: F811
+    """Clamped to +-10, rewards of 15 +- a little are a constant: the first rollout refuses to learn from them (PPO
+    too); without a clip (GRPO's default) the offset does not matter: advantages are the toy reward's."""
+    from palm_rlhf import ActorCritic, PPOConfig, PPOTrainer
+    clipped = GRPOTrainer(Policy(PaLM.load(base), lora=LoRAConfig(r=4)), offset_reward, config=GRPOConfig(
+        prompts_per_iter=2, group_size=4, minibatch_size=8, max_new_tokens=8, reward_clip=10.0))
+    with pytest.raises(ValueError, match="100% of the first rollout's rewards lie outside"):
+        clipped.step(prompts(2))
+    ppo = PPOTrainer(ActorCritic(PaLM.load(base), lora=LoRAConfig(r=4)), offset_reward, config=PPOConfig(
+        prompts_per_iter=2, minibatch_size=2, max_new_tokens=8))
+    with pytest.raises(ValueError, match="--normalize-reward"):
+        ppo.step(prompts(2))
+    plain, offset = (make(base, reward_clip=0.0) for _ in range(2))
+    offset.reward_fn = offset_reward
+    a, b = plain.rollout(prompts(4)), offset.rollout(prompts(4))
+    torch.testing.assert_close(a["advantages"], b["advantages"], atol=1e-4, rtol=1e-4)
+    assert GRPOConfig().reward_clip == 0.0 and b["advantages"].abs().max() > 0
