@@ -141,7 +141,8 @@ class Frontier:
             if all(saved["settings"].get(k) == settings[k] for k in relevant):
                 self.run_seconds.append(saved.get("seconds"))
                 return saved["result"]
-            self.log(f"{name}: settings changed since it ran, " + ("left out" if self.report_only else "running it again"))
+            self.log(f"{name}: settings changed since it ran, "
+                     + ("left out" if self.report_only else "running it again"))
         if self.report_only:
             self.missing.append(name)
             return None

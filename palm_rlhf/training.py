@@ -19,9 +19,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 
-from .checkpoint import has_names, indexed_optimizer_state, named_optimizer_state, read_training_state, save_training_state
+from .checkpoint import (has_names, indexed_optimizer_state, named_optimizer_state, read_training_state,
+                         save_training_state)
 from .config import RunConfig, TrainConfig
-from .fsdp import full_optimizer_state, is_sharded, load_full_optimizer_state
+from .fsdp import full_optimizer_state, is_sharded, load_full_optimizer_state, shard
 from .metrics import MetricsLog, save_plot, write_summary
 from .utils import exists, remove_stale_temp_files
 
@@ -183,7 +184,6 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         self.sharded = cfg.fsdp or acc.distributed_type == DistributedType.FSDP
         if self.sharded:   # sharded by PyTorch FSDP2 in place (new parameter objects), not wrapped by accelerate
-            from .fsdp import shard
             if acc.scaler is not None:
                 raise ValueError("fp16 loss scaling does not handle sharded gradients: use --mixed-precision bf16 "
                                  "(or no) with --fsdp")

@@ -1,6 +1,6 @@
 """Two real processes (torchrun, gloo on loopback): accelerate's DDP keeps replicas identical, and sharded training
-(FSDP2) takes the same steps as DDP in every stage; checkpoints resume exactly, and a sharded run's checkpoint resumes in
-one unsharded process.
+(FSDP2) takes the same steps as DDP in every stage; checkpoints resume exactly, and a sharded run's checkpoint
+resumes in one unsharded process.
 
 Tolerance: FSDP reduce-scatters gradients where DDP all-reduces them, so float32 sums may be added in another order;
 with 2 processes the difference is a rounding of the last bits (measured: losses equal to 7 decimals, weights within
