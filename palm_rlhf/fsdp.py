@@ -33,24 +33,23 @@ def is_sharded(model: nn.Module | list) -> bool:
     return any(isinstance(p, DTensor) for p in (model.parameters() if isinstance(model, nn.Module) else model))
 
 
-def shard(model: nn.Module, *, reshard_after_forward: bool = True, mp_policy=None) -> nn.Module:
+def shard(model: nn.Module) -> nn.Module:
     """fully_shard `model` in place, unit by unit (see the module docstring). Needs an initialised process group
     (torchrun / accelerate launch) with at least 2 processes."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     from .palm import PaLM, ParallelTransformerBlock
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         raise RuntimeError("FSDP shards a model across processes: launch 2 or more (torchrun --nproc_per_node N, or "
                            "accelerate launch --num_processes N), or drop --fsdp to train in one process")
-    kwargs = dict(reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy())
     blocks = [m for m in model.modules() if isinstance(m, ParallelTransformerBlock)]
     palms = [m for m in model.modules() if isinstance(m, PaLM)]
     for m in blocks + palms:
-        fully_shard(m, **kwargs)
+        fully_shard(m, reshard_after_forward=True)   # freed after forward, gathered again for backward
     if not isinstance(model, FSDPModule):   # the root: whatever is left (heads, segment embeddings)
-        fully_shard(model, **kwargs)
+        fully_shard(model, reshard_after_forward=True)   # (gathered() holds every unit for sampling)
     for m in [model, *palms]:   # entry points other than forward that use a unit's weights
         for name in getattr(m, "fsdp_methods", ()):
             register_fsdp_forward_method(m, name)
@@ -106,5 +105,3 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     """Load a name-keyed full optimizer state (from full_optimizer_state) into a sharded or plain model's optimizer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
