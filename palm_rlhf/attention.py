@@ -57,7 +57,7 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _requested(backend: str | None) -> str:
+def requested(backend: str | None) -> str:
     """The backend asked for: this call's, else the process default (either may still be "auto")."""
     return backend if backend not in (None, "auto") else _default_backend
 
@@ -68,7 +68,7 @@ def use_fused_rotary(x: Tensor, backend: str | None) -> bool:
     takes (palm_rlhf.kernels.rotary.supported: fp64 stays in PyTorch, the kernel computes in fp32)."""
     if not FUSED_ROTARY or not triton_available():
         return False
-    backend = _requested(backend)
+    backend = requested(backend)
     wanted = backend != "reference" if x.is_cuda else backend == "triton" and _triton_interpreting()
     if not wanted:
         return False
@@ -123,7 +123,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, kv_mask
 
 
 def _resolve(backend: str | None, q: Tensor) -> str:
-    backend = _requested(backend)
+    backend = requested(backend)
     if backend == "auto":
         return "sdpa"
     if backend not in BACKENDS:

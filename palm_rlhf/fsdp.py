@@ -50,7 +50,7 @@ def shard(model: nn.Module) -> nn.Module:
         fully_shard(m, reshard_after_forward=True)   # freed after forward, gathered again for backward
     if not isinstance(model, FSDPModule):   # the root: whatever is left (heads, segment embeddings)
         fully_shard(model, reshard_after_forward=True)   # (gathered() holds every unit for sampling)
-    for m in [model, *palms]:   # entry points other than forward that use a unit's weights
+    for m in [model, *palms, *blocks]:   # entry points other than forward that use a unit's weights
         for name in getattr(m, "fsdp_methods", ()):
             register_fsdp_forward_method(m, name)
     # FSDP2 picks its root unit by which runs forward first; our wrappers often call their PaLM directly (sampling,

@@ -172,6 +172,11 @@ def lora_parameters(model: nn.Module, scope: str) -> list[nn.Parameter]:
     return params
 
 
+def weight_of(linear: nn.Linear) -> Tensor:
+    """The weight a linear layer multiplies by without autograd: its own, or with its active adapters merged."""
+    return linear.merged_weight() if isinstance(linear, LoRALinear) and linear.active else linear.weight
+
+
 def lora_scopes(model: nn.Module) -> set[str]:
     return {scope for layer in lora_layers(model) for scope in layer.lora_A}
 

@@ -37,8 +37,11 @@ def positive_numbers(tree, *keys):
 
 
 def test_bench_generate(tmp_path):
-    d = run(tmp_path, "bench_generate.py", "--preset", "test", "--lengths", "8", "16", "--batches", "2", "--reps", "1")
-    assert positive_numbers(d["generate"], "cached_s", "uncached_s") == 4
+    root = str(Path(__file__).parent.parent)   # --against this same checkout: the subprocess path runs
+    d = run(tmp_path, "bench_generate.py", "--preset", "test", "--lengths", "8", "16", "--batches", "2", "--reps", "1",
+            "--against", root)
+    assert positive_numbers(d["generate"], "cached_s", "uncached_s", "against_s", "limit_peak", "limit_step") == 10
+    assert d["peak_flops"] > 0 and d["decode_product_flops"] > 0
 
 
 def test_bench_train(tmp_path):

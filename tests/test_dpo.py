@@ -65,7 +65,9 @@ def test_loss_is_log2_at_the_start_and_the_toy_preference_is_learned(tmp_path):
     summary = trainer.train()
     assert summary["val_acc"] == 1.0 and summary["val_loss"] < 0.45 and summary["val_margin"] > 0.5
     before, after = summary["results"]["reference policy (before)"], summary["results"]["trained policy (after)"]
-    assert before["kl"] == 0.0 and after["kl"] > 0.0        # sampled KL of the trained policy to the reference
+    # sampled KL to the reference: exactly 0 before; after, a k1 estimate from a few samples (unbiased, but it can
+    # come out negative), so only "the policy moved" is asserted here; the lines below check which way
+    assert before["kl"] == 0.0 and after["kl"] != 0.0
     assert (tmp_path / "model" / "model.safetensors").is_file() and (tmp_path / "dpo.png").is_file()
     # the exported policy is the trained one: it prefers the chosen response more than the reference does
     exported, reference = PaLM.load(tmp_path / "model"), PaLM(PaLMConfig.preset("test"))

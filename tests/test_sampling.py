@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from palm_rlhf import KVCache, PaLM, PaLMConfig, generate
+from palm_rlhf.lora import add_lora, lora_layers, set_lora
 from palm_rlhf.sampling import decode_one_token, left_pad, prefill, process_logits, sample, top_k, top_p
 
 
@@ -36,6 +37,62 @@ def test_cached_decode_equals_full_forward_every_position(backend):
             got.append(decode_one_token(m, cont[:, t], torch.ones(4, dtype=torch.bool), cache))
     got = torch.stack(got, 1)
     torch.testing.assert_close(got, want[:, prompt.shape[1] - 1:-1], atol=1e-5, rtol=1e-5)
+
+
+lean_decode = PaLM.decode
+
+
+@pytest.mark.parametrize("kv_heads,lora", [(1, False), (2, True)])
+def test_lean_decode_step_equals_the_general_path(kv_heads, lora, monkeypatch):
+    """PaLM.decode (one token per row, no autograd) == the general forward with the same cache, for multi- and
+    grouped-query attention, a merged LoRA adapter, and rows that stopped (real=False) among live ones."""
+    torch.manual_seed(0)
+    m = PaLM(PaLMConfig.preset("test", kv_heads=kv_heads)).eval()
+    if lora:
+        add_lora(m, "actor", r=4)
+        for layer in lora_layers(m):
+            torch.nn.init.normal_(layer.lora_B["actor"], std=0.2)
+        set_lora(m, "actor")
+    prompt, prompt_mask = left_pad(ragged_prompts())
+    steps = torch.randint(0, 256, (4, 6), generator=torch.Generator().manual_seed(2))
+    real = torch.tensor([[True, True, False, True]]).expand(6, 4).clone()
+    real[3:, 0] = False                                                  # row 0 stops after 3 steps
+    calls = []
+    monkeypatch.setattr(PaLM, "decode", lambda self, *a, **k: calls.append(1) or lean_decode(self, *a, **k))
+    out = {}
+    for lean in (True, False):
+        monkeypatch.setattr(PaLM, "lean_decode", lean)   # False: the general path (reference backend, autograd)
+        cache = KVCache(m.config, 4, prompt.shape[1] + 6)
+        with torch.no_grad():
+            prefill(m, prompt, prompt_mask, cache)
+            out[lean] = torch.stack([decode_one_token(m, steps[:, t], real[t], cache) for t in range(6)], 1)
+        assert cache.length == prompt.shape[1] + 6 and torch.equal(cache.count, prompt_mask.sum(1) + real.sum(0))
+    assert len(calls) == 6                                               # the lean path ran, and only when asked
+    live = real.t()
+    torch.testing.assert_close(out[True][live], out[False][live], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out[True]).all()
+
+
+def test_sampler_draws_from_the_distribution():
+    """The inverse-CDF draw: frequencies match the probabilities and zero-probability tokens are never drawn."""
+    probs = torch.tensor([0.1, 0.0, 0.45, 0.3, 0.0, 0.15])
+    logits = probs.log().expand(40_000, -1)
+    tokens, logp = sample(logits, 1.0, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=6) / tokens.numel()
+    assert freq[1] == 0 and freq[4] == 0
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)       # sd of each frequency <= 0.0025
+    torch.testing.assert_close(logp, probs.log()[tokens])
+
+
+def test_generations_are_ordinary_tensors(model):
+    """Sampling runs in inference mode; what it returns must still feed training (autograd saves the token ids)."""
+    out = generate(model, ragged_prompts(), 4, generator=torch.Generator().manual_seed(0))
+    assert not any(t.is_inference() for t in (out.tokens, out.mask, out.logprobs, out.prompt, out.prompt_mask))
+    seq, mask = out.sequences()
+    model.train()
+    model.loss(seq, mask=mask).backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
 
 
 def test_cached_generation_equals_uncached(model):
