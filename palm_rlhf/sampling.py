@@ -20,7 +20,9 @@ from .utils import exists
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (depth, b, g, max_len, d), g = kv_heads (1 for multi-query)."""
+    """Preallocated keys/values for every layer: (depth, b, g, max_len, d), g = kv_heads (1 for multi-query).
+    `update` serves the general forward; `append_one` the lean one-token step (PaLM.decode), which also reads the
+    additive attention mask kept here (0 = a real key, -inf = padding, updated as columns are filled)."""
 
     def __init__(self, config, batch: int, max_len: int, device=None, dtype=torch.float32):
         if max_len > config.max_seq_len:

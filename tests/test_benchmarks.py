@@ -44,6 +44,15 @@ def test_bench_generate(tmp_path):
     assert d["peak_flops"] > 0 and d["decode_product_flops"] > 0
 
 
+def test_bench_pretrain_race(tmp_path):
+    """Two of our runs (the anchor needs a separate install) race for 2 s each and are scored on held-out text."""
+    text = tmp_path / "corpus.txt"   # real text that every clone has: this repository's Python sources
+    text.write_bytes(b"".join(f.read_bytes() for f in sorted((BENCH.parent / "palm_rlhf").glob("*.py"))))
+    d = run(tmp_path, "bench_pretrain_race.py", "--data", str(text), "--budgets", "2", "--curve-every", "1",
+            "--runs", "ours", "ours:gpt2", "--optims", "adamw", "--seq-len", "64", "--plot", str(tmp_path / "race.png"))
+    assert positive_numbers(d["runs"], "bpc", "steps", "tokens_per_s") == 6 and (tmp_path / "race.png").is_file()
+
+
 def test_bench_train(tmp_path):
     d = run(tmp_path, "bench_train.py", "--preset", "test", "--seqs", "32", "--steps", "1")
     assert positive_numbers(d["train"], "tok_s", "s_step") == 2

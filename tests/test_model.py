@@ -22,6 +22,16 @@ def test_shapes_and_tied_embeddings(model):
     assert not any("bias" in name for name, _ in model.named_parameters())
 
 
+def test_initialisation_is_fan_in():
+    """Every matrix N(0, 1 / fan_in) (PaLM's fan-in variance scaling), the tied embedding N(0, 0.02)."""
+    torch.manual_seed(0)
+    m = PaLM(PaLMConfig.preset("tiny"))
+    for name, p in m.named_parameters():
+        if p.ndim == 2:
+            want = 0.02 if name == "token_emb.weight" else p.shape[1] ** -0.5
+            assert abs(p.std().item() / want - 1) < 0.05 and abs(p.mean().item()) < 0.05 * want, name
+
+
 def test_multi_query_projection_sizes():
     c = PaLMConfig(dim=64, depth=1, heads=8, dim_head=16, kv_heads=1)
     layer = PaLM(c).layers[0]
