@@ -61,7 +61,7 @@ class KVCache:
     def append_one(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """A one-token step's k, v (b, g, d) written in place; returns every key and value so far (b g, j, d) and the
         step's additive attention mask (b g, 1, j): 0 where the new token may look (real keys and itself), -inf
-        elsewhere, built once per step for all layers."""
+        elsewhere (kept up to date by append_mask and advance, shared by every layer)."""
         t = self.length
         cache_k, cache_v, flat_k, flat_v = self._layers[layer]
         cache_k.select(2, t).copy_(k)
@@ -117,8 +117,11 @@ def sample(logits: Tensor, temperature: float = 1.0, k: int | None = None, p: fl
         tokens = logprobs.argmax(dim=-1)
     else:  # inverse CDF: one uniform number per row (torch.multinomial costs 3x as much on a CPU, per decode step)
         cdf = logprobs.exp().cumsum(dim=-1)
-        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-        tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1)   # first cdf > u: zero-probability tokens never
+        total = cdf[:, -1:].contiguous()
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * total
+        # the first cdf > u (so zero-probability tokens are never drawn), at most the last token with probability > 0
+        # (u can round up to the total)
+        tokens = torch.minimum(torch.searchsorted(cdf, u, right=True), torch.searchsorted(cdf, total)).squeeze(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 # ---------------------------------------------------------------------------------------------------- generation

@@ -1,5 +1,7 @@
 """KV cache parity, ragged batches, EOS, samplers, determinism."""
 
+import math
+
 import pytest
 import torch
 
@@ -82,6 +84,13 @@ def test_sampler_draws_from_the_distribution():
     assert freq[1] == 0 and freq[4] == 0
     torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)       # sd of each frequency <= 0.0025
     torch.testing.assert_close(logp, probs.log()[tokens])
+
+
+def test_sampler_stays_in_range_when_the_uniform_number_reaches_the_total(monkeypatch):
+    """u = rand * total can round up to the total: the draw is then the last token with probability > 0."""
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape))
+    tokens, logp = sample(torch.tensor([[0.3, 0.7, 0.0, 0.0]]).log(), 1.0)
+    assert tokens.tolist() == [1] and logp.item() == pytest.approx(math.log(0.7))
 
 
 def test_generations_are_ordinary_tensors(model):
