@@ -34,33 +34,30 @@ from common import machine, print_table, save_json  # noqa: E402
 PROMPT = 64
 
 
-def matmul_rate(m: int, k: int, n: int, reps: int) -> float:
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def best_seconds(fn, reps: int) -> float:
+    """Seconds per call of fn: 3 warm-up calls, then the best of 5 loops of `reps` calls."""
     for _ in range(3):
-        a @ b
+        fn()
     best = math.inf
     for _ in range(5):
         t = time.perf_counter()
         for _ in range(reps):
-            a @ b
+            fn()
         best = min(best, (time.perf_counter() - t) / reps)
-    return 2 * m * k * n / best
+    return best
+
+
+def matmul_rate(m: int, k: int, n: int, reps: int) -> float:
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    return 2 * m * k * n / best_seconds(lambda: a @ b, reps)
 
 
 def decode_product_rate(model, rows: int = 8) -> float:
     """FLOP/s of every weight matrix of the model times `rows` rows, back to back (W @ x^T), best of 5 x 50."""
     weights = [p.detach() for name, p in model.named_parameters() if p.ndim == 2]     # the embedding is the output
     xs = [torch.randn(rows, w.shape[1]) for w in weights]
-    step = lambda: [w @ x.t() for w, x in zip(weights, xs)]  # noqa: E731
-    for _ in range(5):
-        step()
-    best = math.inf
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(50):
-            step()
-        best = min(best, (time.perf_counter() - t) / 50)
-    return sum(2 * rows * w.numel() for w in weights) / best
+    seconds = best_seconds(lambda: [w @ x.t() for w, x in zip(weights, xs)], 50)
+    return sum(2 * rows * w.numel() for w in weights) / seconds
 
 
 def flops_per_token(config, context: float) -> float:

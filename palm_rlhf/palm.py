@@ -326,14 +326,14 @@ class PaLM(Checkpointable, nn.Module):
         cache: a `sampling.KVCache`; the tokens are appended to it and attend to everything cached before.
         extra_embed (b, n, dim): added to the token embeddings (e.g. the reward model's prompt/response segments).
         """
-        if exists(cache) and tokens.shape[1] == 1 and self.lean_decode and not torch.is_grad_enabled() and \
-                not exists(positions) and not exists(extra_embed):
-            return self.decode(tokens, mask, cache, return_hidden)
         offset = cache.length if exists(cache) else 0
         if offset == 0:  # cached decode steps feed back sampled ids; skip the (host-syncing) check there
             self.check_tokens(tokens)
         elif offset + tokens.shape[1] > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {offset} used, {tokens.shape[1]} more given")
+        if exists(cache) and tokens.shape[1] == 1 and self.lean_decode and not torch.is_grad_enabled() and \
+                not exists(positions) and not exists(extra_embed):
+            return self.decode(tokens, mask, cache, return_hidden)
         if exists(cache):
             cache.append_mask(mask if exists(mask) else torch.ones_like(tokens, dtype=torch.bool))
         if not exists(positions):
@@ -367,9 +367,8 @@ class PaLM(Checkpointable, nn.Module):
 
     def decode(self, tokens: Tensor, mask: Tensor | None, cache, return_hidden: bool = False) -> Tensor:
         """forward for one new token per row (tokens (b, 1)) against the cache, without autograd: see
-        ParallelTransformerBlock.decode. Returns logits (b, 1, num_tokens), or hidden states with return_hidden."""
-        if cache.length + 1 > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions, all used")
+        ParallelTransformerBlock.decode. Returns logits (b, 1, num_tokens), or hidden states with return_hidden.
+        forward has checked the tokens and the cache's room."""
         cache.append_mask(mask if exists(mask) else torch.ones_like(tokens, dtype=torch.bool))
         rotation = self.rotary.matrix(cache.next_positions(1).view(-1))
         x = self.token_emb.weight.index_select(0, tokens.view(-1))                  # (b, dim)
