@@ -112,15 +112,25 @@ class RotaryEmbedding(nn.Module):
         self.xpos_scale_base = xpos_scale_base
         xpos_scale = (torch.arange(0, dim_head, 2).float() + 0.4 * dim_head) / (1.4 * dim_head)
         self.register_buffer("xpos_scale", xpos_scale, persistent=False)
-        self.register_buffer("sin_sign", torch.ones(dim_head).index_fill_(0, torch.arange(dim_head // 2), -1.0),
+        # the 2d entries of a flattened (d, d) rotation matrix R that are not zero: cos on the diagonal, and where
+        # rotate-half takes each coordinate from, its signed sin (row (i + d/2) mod d of column i)
+        i = torch.arange(dim_head)
+        self.register_buffer("matrix_entries", torch.cat((i * dim_head + i, (i + dim_head // 2) % dim_head * dim_head + i)),
                              persistent=False)
 
-    def matrix(self, positions: Tensor) -> Tensor:
-        """positions (b,) -> (b, d, d) matrices R with x @ R == apply_rotary(x, cos, sin) (no xPos): cos on the
-        diagonal, the signed sin where rotate-half takes each coordinate from."""
-        freqs = positions.float()[:, None] * self.inv_freq.repeat(2)             # (b, d)
-        sin = freqs.sin() * self.sin_sign
-        return torch.diag_embed(freqs.cos()) + torch.diag_embed(sin).roll(freqs.shape[-1] // 2, dims=-2)
+    def matrix_table(self, length: int) -> Tensor:
+        """(length, 2d): for each position, the values of R's matrix_entries (cos, then the signed sin)."""
+        freqs = torch.arange(length, device=self.inv_freq.device).float()[:, None] * self.inv_freq.repeat(2)
+        sin = freqs.sin()
+        sin[:, :freqs.shape[1] // 2] *= -1.0                                      # rotate-half's sign
+        return torch.cat((freqs.cos(), sin), dim=-1)
+
+    def matrix(self, positions: Tensor, table: Tensor, out: Tensor) -> Tensor:
+        """positions (b,) -> out (b, d, d), the matrices R with x @ R == apply_rotary(x, cos, sin) (no xPos): their
+        2d entries that are not zero copied from `table` (matrix_table). `out` is zero elsewhere and stays so, so one
+        buffer serves every decode step."""
+        out.view(out.shape[0], -1).index_copy_(1, self.matrix_entries, table.index_select(0, positions))
+        return out
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """positions (b, n) -> cos, signed sin (b, 1, n, d) and, with xPos, the query scale (b, 1, n, d)."""
@@ -205,22 +215,41 @@ class ParallelTransformerBlock(nn.Module):
     def decode(self, x: Tensor, rotation: Tensor, cache, layer: int) -> Tensor:
         """forward for one new token per row, x (b, dim), without autograd (PaLM.forward's decode step): the same
         maths in about half the ops, because it runs depth times per sampled token and on a CPU its cost is mostly
-        per-op overhead. Projections run as W @ x^T (MKL: 1.3-2x faster than F.linear's x @ W^T at 2-16 rows, even
-        from ~32 rows on) and the feedforward half stays in that layout; rotary is one batched matmul by per-row
-        rotation matrices; k and v are written into the cache in place; attention masks with one additive bias that
-        the cache keeps for every layer. Tests hold it equal to forward (test_sampling.py)."""
+        per-op overhead and reading the weights (see `project` for how they are multiplied). Rotary is one batched
+        matmul by per-row rotation matrices; k and v are written into the cache in place; attention masks with one
+        additive bias that the cache keeps for every layer. Tests hold it equal to forward (test_sampling.py)."""
         c = self.config
         b, h, g, d = x.shape[0], c.heads, c.kv_heads, c.dim_head
-        fused = weight_of(self.to_fused) @ F.layer_norm(x, x.shape[-1:], self.norm.gamma).t()   # (fused dims, b)
-        qkv = fused[:(h + 2 * g) * d].view(h + 2 * g, d, b).permute(2, 0, 1).contiguous()  # (b, h + 2g, d)
+        to_fused, attn_out, ff_out = decode_weights(cache, layer, self.to_fused, self.attn_out, self.ff_out)
+        fused = project(F.layer_norm(x, x.shape[-1:], self.norm.gamma), to_fused)         # (b, fused dims)
+        qkv = fused[:, :(h + 2 * g) * d].reshape(b, h + 2 * g, d).contiguous()            # (b, h + 2g, d)
         qk = torch.bmm(qkv[:, :h + g].float(), rotation).to(x.dtype)                      # rotary, in fp32
         k, v, bias = cache.append_one(layer, qk[:, h:], qkv[:, h + g:])                   # (b g, j, d), (b g, 1, j)
         q = qk[:, :h].reshape(b * g, h // g, d)
         attn = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=d ** -0.5).softmax(dim=-1)
         out = torch.bmm(attn, v).view(b, h * d)
-        ff, gate = fused[(h + 2 * g) * d:].chunk(2)                                       # (ff_inner, b) each
-        hidden = (F.silu(gate) * ff).t().contiguous()                                   # (b, ff_inner)
-        return x + torch.addmm(weight_of(self.ff_out) @ hidden.t(), weight_of(self.attn_out), out.t()).t()
+        ff, gate = fused[:, (h + 2 * g) * d:].chunk(2, dim=-1)                          # (b, ff_inner) each
+        return x + project(out, attn_out) + project(F.silu(gate) * ff, ff_out)
+
+
+def decode_weights(cache, key, *modules: nn.Module) -> list[Tensor]:
+    """The transposed weights (in, out) of `modules` (adapters merged) for `project`: views, or, for one row on a
+    CPU, contiguous copies made at the cache's first step and kept in it under `key` (so a generate call reads the
+    weights once)."""
+    if cache.batch > 1 or cache.k.device.type != "cpu":
+        return [weight_of(m).t() for m in modules]
+    if key not in cache.weights:
+        cache.weights[key] = [weight_of(m).t().contiguous() for m in modules]
+    return cache.weights[key]
+
+
+def project(x: Tensor, weight_t: Tensor) -> Tensor:
+    """x (b, in) @ weight_t (in, out) for a decode step's few rows, laid out as MKL multiplies them fastest: a
+    contiguous weight_t (decode_weights' copy for one row: about 2x faster than W @ x^T there) directly; a transposed
+    view as W @ x^T, with x contiguous (1.3-2x faster than F.linear's x @ W^T from 2 rows on)."""
+    if weight_t.is_contiguous():
+        return x @ weight_t
+    return (weight_t.t() @ x.contiguous().t()).t()
 
 # ---------------------------------------------------------------------------------------------------- model
 
@@ -370,13 +399,19 @@ class PaLM(Checkpointable, nn.Module):
         ParallelTransformerBlock.decode. Returns logits (b, 1, num_tokens), or hidden states with return_hidden.
         forward has checked the tokens and the cache's room."""
         cache.append_mask(mask if exists(mask) else torch.ones_like(tokens, dtype=torch.bool))
-        rotation = self.rotary.matrix(cache.next_positions(1).view(-1))
+        if "rotary" not in cache.weights:   # every position's rotation-matrix entries, and a buffer to write them to
+            d = self.config.dim_head
+            cache.weights["rotary"] = (self.rotary.matrix_table(cache.max_len),
+                                       torch.zeros(tokens.shape[0], d, d, device=tokens.device))
+        rotation = self.rotary.matrix(cache.next_positions(1).view(-1), *cache.weights["rotary"])
         x = self.token_emb.weight.index_select(0, tokens.view(-1))                  # (b, dim)
         for i, layer in enumerate(self.layers):
             x = layer.decode(x, rotation, cache, i)
         cache.advance()
         x = F.layer_norm(x, x.shape[-1:], self.norm.gamma)
-        return (x if return_hidden else (self.token_emb.weight @ x.t()).t())[:, None]
+        if return_hidden:
+            return x[:, None]
+        return project(x, *decode_weights(cache, "output", self.token_emb))[:, None]   # tied output embedding
 
     def to_logits(self, hidden: Tensor) -> Tensor:
         """Final hidden states (forward's return_hidden) -> logits, through the tied output embedding."""

@@ -33,13 +33,14 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.count = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens cached per row
-        self.max_len = max_len
+        self.batch, self.max_len = batch, max_len
         self.length = 0   # columns filled
         self._n = 0       # columns being appended by the forward pass in flight
         self._positions = None
         # for append_one: per-layer views, and the additive attention mask (b g, 1, max_len): 0 = visible
         self._layers = [(k, v, k.flatten(0, 1), v.flatten(0, 1)) for k, v in zip(self.k, self.v)]
         self._bias = torch.full((batch, config.kv_heads, 1, max_len), -torch.inf, device=device, dtype=dtype)
+        self.weights = {}  # what PaLM.decode makes at its first step and keeps for the rest (palm.decode_weights)
 
     def append_mask(self, mask: Tensor) -> None:
         n = mask.shape[1]

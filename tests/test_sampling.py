@@ -44,10 +44,11 @@ def test_cached_decode_equals_full_forward_every_position(backend):
 lean_decode = PaLM.decode
 
 
-@pytest.mark.parametrize("kv_heads,lora", [(1, False), (2, True)])
-def test_lean_decode_step_equals_the_general_path(kv_heads, lora, monkeypatch):
+@pytest.mark.parametrize("kv_heads,lora,rows", [(1, False, 4), (2, True, 4), (1, True, 1)])
+def test_lean_decode_step_equals_the_general_path(kv_heads, lora, rows, monkeypatch):
     """PaLM.decode (one token per row, no autograd) == the general forward with the same cache, for multi- and
-    grouped-query attention, a merged LoRA adapter, and rows that stopped (real=False) among live ones."""
+    grouped-query attention, a merged LoRA adapter, rows that stopped (real=False) among live ones, and one row
+    (which multiplies by transposed copies of the weights)."""
     torch.manual_seed(0)
     m = PaLM(PaLMConfig.preset("test", kv_heads=kv_heads)).eval()
     if lora:
@@ -55,19 +56,21 @@ def test_lean_decode_step_equals_the_general_path(kv_heads, lora, monkeypatch):
         for layer in lora_layers(m):
             torch.nn.init.normal_(layer.lora_B["actor"], std=0.2)
         set_lora(m, "actor")
-    prompt, prompt_mask = left_pad(ragged_prompts())
-    steps = torch.randint(0, 256, (4, 6), generator=torch.Generator().manual_seed(2))
-    real = torch.tensor([[True, True, False, True]]).expand(6, 4).clone()
+    prompt, prompt_mask = left_pad(ragged_prompts()[:rows])
+    steps = torch.randint(0, 256, (rows, 6), generator=torch.Generator().manual_seed(2))
+    real = torch.tensor([[True, True, False, True][:rows]]).expand(6, rows).clone()
     real[3:, 0] = False                                                  # row 0 stops after 3 steps
     calls = []
     monkeypatch.setattr(PaLM, "decode", lambda self, *a, **k: calls.append(1) or lean_decode(self, *a, **k))
     out = {}
     for lean in (True, False):
         monkeypatch.setattr(PaLM, "lean_decode", lean)   # False: the general path (reference backend, autograd)
-        cache = KVCache(m.config, 4, prompt.shape[1] + 6)
+        cache = KVCache(m.config, rows, prompt.shape[1] + 6)
         with torch.no_grad():
             prefill(m, prompt, prompt_mask, cache)
             out[lean] = torch.stack([decode_one_token(m, steps[:, t], real[t], cache) for t in range(6)], 1)
+        if lean:   # the transposed copies exist exactly for one row
+            assert (0 in cache.weights) == (rows == 1)
         assert cache.length == prompt.shape[1] + 6 and torch.equal(cache.count, prompt_mask.sum(1) + real.sum(0))
     assert len(calls) == 6                                               # the lean path ran, and only when asked
     live = real.t()
