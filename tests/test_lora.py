@@ -100,3 +100,26 @@ def test_no_grad_path_uses_a_merged_weight_that_follows_every_update(model):
         with torch.no_grad():
             layer.lora_B["actor"].zero_()                            # any in-place change invalidates it
         assert not torch.equal(model(tokens), a)
+
+
+def test_adapter_gradients_equal_those_of_the_merged_weight(model):
+    """The training path (base matmul, the low-rank product added inside one GEMM) gives the gradients of
+    x @ (W + B A * scale)^T for the adapters and the input, with two scopes on."""
+    add_lora(model, "actor", r=4)
+    add_lora(model, "critic", r=2)
+    layer = model.layers[0].to_fused
+    perturb([*layer.lora_A.values(), *layer.lora_B.values()], 4)
+    set_lora(model, "actor", "critic")
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    target = torch.randn(2, 5, layer.out_features)
+    grads = []
+    for merged in (False, True):
+        params = [x, *layer.lora_A.values(), *layer.lora_B.values()]
+        if merged:
+            weight = layer.weight + sum(layer.delta(s) for s in layer.active)
+            out = torch.nn.functional.linear(x, weight)
+        else:
+            out = layer(x)
+        grads.append(torch.autograd.grad((out * target).sum(), params))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
