@@ -95,11 +95,12 @@ class LoRALinear(nn.Linear):
         if self.active and self.merge_without_grad and not torch.is_grad_enabled():
             return nn.functional.linear(x, self.merged_weight())
         out = super().forward(x)
-        rows = x.reshape(-1, x.shape[-1])
-        for scope in self.active:  # out + (x A^T) B^T * scale, the scale and the sum inside one GEMM: the (rows, out)
-            # product is never written on its own (about 12% less time forward + backward for a fused projection)
-            out = torch.addmm(out.view(-1, out.shape[-1]), rows @ self.lora_A[scope].t(), self.lora_B[scope].t(),
-                              alpha=self.scales[scope]).view(out.shape)
+        rows, acc = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+        for scope in self.active:  # out += (x A^T) B^T * scale inside one GEMM, in place (autograd keeps x and W, not
+            # out): the (rows, out) product is never written on its own (~12% less time forward + backward here)
+            # (in place, autocast leaves the dtypes to us: out's, e.g. bf16)
+            acc.addmm_((rows @ self.lora_A[scope].t()).to(acc.dtype), self.lora_B[scope].t().to(acc.dtype),
+                       alpha=self.scales[scope])
         return out
 
 

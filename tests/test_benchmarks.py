@@ -39,7 +39,7 @@ def positive_numbers(tree, *keys):
 def test_bench_generate(tmp_path):
     root = str(Path(__file__).parent.parent)   # --against this same checkout: the subprocess path runs
     d = run(tmp_path, "bench_generate.py", "--preset", "test", "--lengths", "8", "16", "--batches", "2", "--reps", "1",
-            "--against", root)
+            "--against", root, "--rounds", "2")
     assert positive_numbers(d["generate"], "cached_s", "uncached_s", "against_s", "limit_peak", "limit_step") == 10
     assert d["peak_flops"] > 0 and d["decode_product_flops"] > 0
 

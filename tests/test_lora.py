@@ -123,3 +123,16 @@ def test_adapter_gradients_equal_those_of_the_merged_weight(model):
         grads.append(torch.autograd.grad((out * target).sum(), params))
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_adapted_layers_train_under_autocast(model):
+    """Under bf16 autocast the adapters' product is added in the output's dtype; the result stays close to fp32's."""
+    perturb(add_lora(model, "actor", r=4), 5)
+    set_lora(model, "actor")
+    tokens = torch.randint(0, 256, (2, 10))
+    want = model(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(tokens)
+    got.float().logsumexp(-1).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in lora_parameters(model, "actor"))
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
