@@ -96,9 +96,10 @@ class LoRALinear(nn.Linear):
             return nn.functional.linear(x, self.merged_weight())
         out = super().forward(x)
         rows, acc = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
-        for scope in self.active:  # out += (x A^T) B^T * scale inside one GEMM, in place (autograd keeps x and W, not
-            # out): the (rows, out) product is never written on its own (~12% less time forward + backward here)
-            # (in place, autocast leaves the dtypes to us: out's, e.g. bf16)
+        for scope in self.active:
+            # out += (x A^T) B^T * scale inside one GEMM, in place (autograd saved x and W, not out), so the (rows, out)
+            # product is never written on its own: ~12% less time forward + backward for the fused projection. In
+            # place, autocast leaves the dtypes to us: out's (e.g. bf16).
             acc.addmm_((rows @ self.lora_A[scope].t()).to(acc.dtype), self.lora_B[scope].t().to(acc.dtype),
                        alpha=self.scales[scope])
         return out

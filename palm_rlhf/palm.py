@@ -115,8 +115,8 @@ class RotaryEmbedding(nn.Module):
         # the 2d entries of a flattened (d, d) rotation matrix R that are not zero: cos on the diagonal, and where
         # rotate-half takes each coordinate from, its signed sin (row (i + d/2) mod d of column i)
         i = torch.arange(dim_head)
-        self.register_buffer("matrix_entries", torch.cat((i * dim_head + i, (i + dim_head // 2) % dim_head * dim_head + i)),
-                             persistent=False)
+        entries = torch.cat((i * dim_head + i, (i + dim_head // 2) % dim_head * dim_head + i))
+        self.register_buffer("matrix_entries", entries, persistent=False)
 
     def matrix_table(self, length: int) -> Tensor:
         """(length, 2d): for each position, the values of R's matrix_entries (cos, then the signed sin)."""
@@ -234,13 +234,13 @@ class ParallelTransformerBlock(nn.Module):
 
 def decode_weights(cache, key, *modules: nn.Module) -> list[Tensor]:
     """The transposed weights (in, out) of `modules` (adapters merged) for `project`: views, or, for one row on a
-    CPU, contiguous copies made at the cache's first step and kept in it under `key` (so a generate call reads the
-    weights once)."""
+    CPU, contiguous copies made at the cache's first step and kept in its decode_state under `key` (so a generate call
+    reads the weights once, and a cache serves one model)."""
     if cache.batch > 1 or cache.k.device.type != "cpu":
         return [weight_of(m).t() for m in modules]
-    if key not in cache.weights:
-        cache.weights[key] = [weight_of(m).t().contiguous() for m in modules]
-    return cache.weights[key]
+    if key not in cache.decode_state:
+        cache.decode_state[key] = [weight_of(m).t().contiguous() for m in modules]
+    return cache.decode_state[key]
 
 
 def project(x: Tensor, weight_t: Tensor) -> Tensor:
@@ -399,11 +399,11 @@ class PaLM(Checkpointable, nn.Module):
         ParallelTransformerBlock.decode. Returns logits (b, 1, num_tokens), or hidden states with return_hidden.
         forward has checked the tokens and the cache's room."""
         cache.append_mask(mask if exists(mask) else torch.ones_like(tokens, dtype=torch.bool))
-        if "rotary" not in cache.weights:   # every position's rotation-matrix entries, and a buffer to write them to
+        if "rotary" not in cache.decode_state:   # every position's rotation-matrix entries, a buffer to write them to
             d = self.config.dim_head
-            cache.weights["rotary"] = (self.rotary.matrix_table(cache.max_len),
+            cache.decode_state["rotary"] = (self.rotary.matrix_table(cache.max_len),
                                        torch.zeros(tokens.shape[0], d, d, device=tokens.device))
-        rotation = self.rotary.matrix(cache.next_positions(1).view(-1), *cache.weights["rotary"])
+        rotation = self.rotary.matrix(cache.next_positions(1).view(-1), *cache.decode_state["rotary"])
         x = self.token_emb.weight.index_select(0, tokens.view(-1))                  # (b, dim)
         for i, layer in enumerate(self.layers):
             x = layer.decode(x, rotation, cache, i)

@@ -40,7 +40,7 @@ class KVCache:
         # for append_one: per-layer views, and the additive attention mask (b g, 1, max_len): 0 = visible
         self._layers = [(k, v, k.flatten(0, 1), v.flatten(0, 1)) for k, v in zip(self.k, self.v)]
         self._bias = torch.full((batch, config.kv_heads, 1, max_len), -torch.inf, device=device, dtype=dtype)
-        self.weights = {}  # what PaLM.decode makes at its first step and keeps for the rest (palm.decode_weights)
+        self.decode_state = {}  # what PaLM.decode makes at its first step and keeps: the rotary table, weight copies
 
     def append_mask(self, mask: Tensor) -> None:
         n = mask.shape[1]

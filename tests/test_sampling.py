@@ -70,7 +70,7 @@ def test_lean_decode_step_equals_the_general_path(kv_heads, lora, rows, monkeypa
             prefill(m, prompt, prompt_mask, cache)
             out[lean] = torch.stack([decode_one_token(m, steps[:, t], real[t], cache) for t in range(6)], 1)
         if lean:   # the transposed copies exist exactly for one row
-            assert (0 in cache.weights) == (rows == 1)
+            assert (0 in cache.decode_state) == (rows == 1)
         assert cache.length == prompt.shape[1] + 6 and torch.equal(cache.count, prompt_mask.sum(1) + real.sum(0))
     assert len(calls) == 6                                               # the lean path ran, and only when asked
     live = real.t()
