@@ -101,7 +101,7 @@ def scored(base, tmp_path_factory):  # noqa: F811
 def test_toy_offline_data_is_improved_on_without_sampling(base, scored, tmp_path):  # noqa: F811
     torch.manual_seed(0)
     model = ILQLModel(PaLM.load(base), lora=LoRAConfig(r=0))
-    cfg = ILQLConfig(steps=100, batch_size=16, lr=1e-3, warmup=10, max_len=40, eval_interval=0, alpha=0.05,
+    cfg = ILQLConfig(steps=150, batch_size=16, lr=1e-3, warmup=10, max_len=40, eval_interval=0, alpha=0.05,
                      betas_eval=("0", "16"), eval_prompts=128, val_fraction=0.25, max_new_tokens=24, quiet=True,
                      checkpoint_dir=str(tmp_path / "run"))
     summary = ILQLTrainer(model, str(scored), cfg, gold_fn=e_share).train()
