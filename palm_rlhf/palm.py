@@ -120,10 +120,8 @@ class RotaryEmbedding(nn.Module):
 
     def matrix_table(self, length: int) -> Tensor:
         """(length, 2d): for each position, the values of R's matrix_entries (cos, then the signed sin)."""
-        freqs = torch.arange(length, device=self.inv_freq.device).float()[:, None] * self.inv_freq.repeat(2)
-        sin = freqs.sin()
-        sin[:, :freqs.shape[1] // 2] *= -1.0                                      # rotate-half's sign
-        return torch.cat((freqs.cos(), sin), dim=-1)
+        cos, sin, _ = self(torch.arange(length, device=self.inv_freq.device)[None])
+        return torch.cat((cos[0, 0], sin[0, 0]), dim=-1)
 
     def matrix(self, positions: Tensor, table: Tensor, out: Tensor) -> Tensor:
         """positions (b,) -> out (b, d, d), the matrices R with x @ R == apply_rotary(x, cos, sin) (no xPos): their
@@ -402,7 +400,7 @@ class PaLM(Checkpointable, nn.Module):
         if "rotary" not in cache.decode_state:   # every position's rotation-matrix entries, a buffer to write them to
             d = self.config.dim_head
             cache.decode_state["rotary"] = (self.rotary.matrix_table(cache.max_len),
-                                       torch.zeros(tokens.shape[0], d, d, device=tokens.device))
+                                            torch.zeros(tokens.shape[0], d, d, device=tokens.device))
         rotation = self.rotary.matrix(cache.next_positions(1).view(-1), *cache.decode_state["rotary"])
         x = self.token_emb.weight.index_select(0, tokens.view(-1))                  # (b, dim)
         for i, layer in enumerate(self.layers):
