@@ -122,7 +122,8 @@ class PreferenceTaskConfig:
     response_len: int = option(64, "response bytes sampled from the model")
     per_prompt: int = option(2, "responses sampled per prompt; every pair of them is labelled (ties skipped)")
     corpus_pairs: int = option(0, "also this many training pairs of real continuations of the corpus (two random "
-                                  "windows, the judge picks; no label noise), shuffled in")
+                                  "windows, the judge picks; no label noise), shuffled in; the sampled ones alone "
+                                  "also go to train_sampled.jsonl")
     flip: float = option(0.1, "share of labels flipped at random (noisy labellers)")
     min_gap: float = option(0.05, "gold-score gap below which a pair is a tie (skipped)")
     batch_size: int = option(64, "responses sampled at once")
@@ -148,7 +149,8 @@ def make_preference_files(model, corpus: Tensor, out, config: PreferenceTaskConf
                                      batch=c.batch_size, seed=c.seed, quiet=c.quiet, judge=judge,
                                      per_prompt=c.per_prompt)
     train = pairs[:c.pairs]
-    if c.corpus_pairs:
+    if c.corpus_pairs:  # the sampled pairs alone too: on-policy data for DPO, which real text would pull off-policy
+        write_jsonl(train, out / "train_sampled.jsonl")
         train += corpus_preferences(corpus, pairs=c.corpus_pairs, judge=judge, prompt_len=c.prompt_len,
                                     response_len=c.response_len, min_gap=c.min_gap, seed=c.seed)
         random.Random(c.seed).shuffle(train)

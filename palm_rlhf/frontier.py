@@ -60,12 +60,16 @@ class FrontierConfig:
     eval_prompts: int = option(512, "held-out prompts every policy answers")
     pairs: int = option(3000, "preference pairs (reward model and DPO)")
     per_prompt: int = option(4, "responses sampled per prompt for the pairs (every non-tie pair of them is kept)")
+    corpus_pairs: int = option(0, "also this many pairs of real continuations for the reward model (README: the "
+                                  "sentiment task); DPO learns from the sampled pairs alone")
     val_pairs: int = option(400, "held-out pairs")
     rm_steps: int = option(400, "reward-model steps")
     rm_lora_r: int = option(16, "reward-model LoRA rank")
     best_of: tuple = option((1, 2, 4, 8, 16, 32, 64), "best-of-N values")
     ppo_kl_coefs: tuple = option((0.02, 0.05, 0.2), "fixed KL coefficients of the PPO runs on the reward model")
-    ppo_steps: int = option(40, "PPO iterations per run")
+    ppo_kl_budgets: tuple = option((), "KL budgets (nats per response) of further PPO runs on the reward model, at "
+                                       "the first --ppo-kl-coefs: each ends at the first step whose rollouts pass it")
+    ppo_steps: int = option(40, "PPO iterations per run (with a budget: at most)")
     ppo_normalize_reward: bool = option(True, "PPO's rewards divided by their running sd after the running mean is "
                                         "taken off (a Bradley-Terry reward model's offset is arbitrary: README)")
     long_ppo_steps: int = option(80, "iterations of the one PPO run pushed past its KL budget (0 = none)")
@@ -74,6 +78,8 @@ class FrontierConfig:
     group_kl_coefs: tuple = option((0.05,), "KL coefficients of the GRPO and RLOO runs on the reward model")
     group_steps: int = option(40, "GRPO / RLOO iterations per run")
     group_epochs: int = option(4, "GRPO / RLOO passes over each step's samples (one pass barely moves: README)")
+    group_kl_budget: float = option(0.0, "KL budget of the GRPO / RLOO runs (nats per response; 0 = none): a run "
+                                         "ends at the first step whose rollouts pass it")
     ilql_samples: int = option(4096, "reference samples scored by the gold judge: ILQL's offline data")
     ilql_steps: int = option(300, "ILQL steps")
     ilql_betas: tuple = option((1.0, 4.0, 16.0), "ILQL generation betas")
@@ -85,7 +91,8 @@ class FrontierConfig:
     lora_r: int = option(16, "policy LoRA rank (PPO, DPO)")
 
 
-SWEPT = ("methods", "seeds", "ppo_seeds", "best_of", "ppo_kl_coefs", "dpo_betas", "group_kl_coefs")  # in the run's name
+SWEPT = ("methods", "seeds", "ppo_seeds", "best_of", "ppo_kl_coefs", "ppo_kl_budgets", "dpo_betas",
+         "group_kl_coefs")  # in the run's name
 OWN = ("ppo_", "long_ppo_", "dpo_", "group_", "ilql_")  # settings of one method only: they rerun that method alone
 SHOWN = 3  # responses kept per method (to the first held-out prompts), so a person can see what each one writes
 QUICK = dict(eval_prompts=128, pairs=1500, val_pairs=200, rm_steps=150, best_of=(1, 2, 4, 8), ppo_kl_coefs=(0.05,),
@@ -100,9 +107,11 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 class Frontier:
     def __init__(self, init: str, corpus: torch.Tensor, out: Path, cfg: FrontierConfig, quiet: bool = True, *,
-                 pairs: tuple[str, str] | None = None, reward: str | None = None, report_only: bool = False):
+                 pairs: tuple[str, str] | None = None, reward: str | None = None, report_only: bool = False,
+                 dpo_pairs: str | None = None):
         self.init, self.corpus, self.out, self.cfg, self.quiet = init, corpus, out, cfg, quiet
         self.given_pairs, self.given_reward = pairs, reward  # bring your own preference files / reward model
+        self.given_dpo_pairs = dpo_pairs
         self.report_only, self.missing, self.run_seconds = report_only, [], []  # see cached()
         self.judge = load_judge(cfg.judge)
         self.prompts = prompt_sampler(corpus, cfg.prompt_len)
@@ -163,8 +172,17 @@ class Frontier:
             model = PaLM.load(self.init).eval()
             make_preference_files(model, self.corpus, data, PreferenceTaskConfig(
                 judge=c.judge, pairs=c.pairs, val_pairs=c.val_pairs, demos=1, prompt_len=c.prompt_len,
-                response_len=c.response_len, flip=0.0, min_gap=0.05, per_prompt=c.per_prompt, quiet=self.quiet))
+                response_len=c.response_len, flip=0.0, min_gap=0.05, per_prompt=c.per_prompt,
+                corpus_pairs=c.corpus_pairs, quiet=self.quiet))
         return data / "train.jsonl", data / "val.jsonl"
+
+    def dpo_pairs(self, train: Path) -> Path:
+        """DPO's pairs: given, or the task's sampled pairs alone when it mixed in real text (DPO learns from the
+        policy's own samples; real continuations it would not write pull it off-policy: README), or the RM's."""
+        if self.given_dpo_pairs:
+            return Path(self.given_dpo_pairs)
+        sampled = train.parent / "train_sampled.jsonl"
+        return sampled if not self.given_pairs and sampled.is_file() else train
 
     def reward_model(self, train: Path, val: Path) -> RewardModel:
         path = Path(self.given_reward) if self.given_reward else self.out / "reward" / "model"
@@ -229,19 +247,21 @@ class Frontier:
             curve.append({"kl": kl, "gold": picked_gold.mean().item(), "proxy": picked_proxy.mean().item()})
         self.curves["best-of-N"] = curve
 
-    def ppo(self, rm: RewardModel | None, kl_coef: float, seed: int, steps: int, name: str) -> dict:
+    def ppo(self, rm: RewardModel | None, kl_coef: float, seed: int, steps: int, name: str,
+            kl_budget: float = 0.0) -> dict:
         c = self.cfg
         torch.manual_seed(seed)
         ac = ActorCritic(PaLM.load(self.init), lora=LoRAConfig(r=c.lora_r))
         reward = rm if rm is not None else judge_reward(self.judge)  # a model, or the judge as a function
         cfg = PPOConfig(steps=steps, lr=5e-4, prompts_per_iter=16, minibatch_size=8, ppo_epochs=4,
-                        max_new_tokens=c.response_len, kl_coef=kl_coef, adaptive_kl=False, eval_prompts=2,
+                        max_new_tokens=c.response_len, kl_coef=kl_coef, adaptive_kl=False, kl_budget=kl_budget,
+                        eval_prompts=2,
                         best_of=0, seed=seed, quiet=self.quiet, critic_from_reward=rm is not None,
                         normalize_reward=c.ppo_normalize_reward or rm is None,  # README says why, for each
                         checkpoint_interval=max(steps, 1), checkpoint_dir=str(self.out / "runs" / f"{name}-s{seed}"))
         summary = PPOTrainer(ac, reward, self.prompts, cfg, gold_fn=self.judge).train()
         result = self.evaluate(ac, reward_function(reward), seed)
-        return {"result": result, "history": summary["history"]}
+        return {"result": result, "history": summary["history"], "steps": summary["final_step"]}
 
     def dpo(self, train: Path, val: Path, beta: float, seed: int) -> dict:
         c = self.cfg
@@ -260,7 +280,8 @@ class Frontier:
         policy = Policy(PaLM.load(self.init), lora=LoRAConfig(r=c.lora_r))
         config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algo == "grpo" else (RLOOConfig, RLOOTrainer)
         cfg = config_cls(steps=c.group_steps, lr=5e-4, prompts_per_iter=2, group_size=8, minibatch_size=16,
-                         epochs=c.group_epochs, max_new_tokens=c.response_len, kl_coef=kl_coef, eval_prompts=2,
+                         epochs=c.group_epochs, max_new_tokens=c.response_len, kl_coef=kl_coef,
+                         kl_budget=c.group_kl_budget, eval_prompts=2,
                          best_of=0, seed=seed,
                          quiet=self.quiet, checkpoint_interval=max(c.group_steps, 1),
                          checkpoint_dir=str(self.out / "runs" / f"{algo}-kl{kl_coef}-s{seed}"))
@@ -304,7 +325,9 @@ class Frontier:
     def run(self) -> dict:
         c, t0 = self.cfg, time.time()
         train, val = self.task()
-        self.log(f"task ready: {len(load_preferences(train))} training pairs")
+        dpo_train = self.dpo_pairs(train)
+        self.log(f"task ready: {len(load_preferences(train))} training pairs"
+                 + (f", DPO's {len(load_preferences(dpo_train))} from {dpo_train}" if dpo_train != train else ""))
         self.rm = self.reward_model(train, val)
         self.log(f"reward model: held-out accuracy vs gold {self.rm_accuracy['val_gold_acc']:.1%}")
         self.best_of_n(self.rm)   # also the reference's level, which every gain is measured against
@@ -313,7 +336,8 @@ class Frontier:
             self.curves.pop("best-of-N")
         for seed in range(c.seeds):
             for beta in c.dpo_betas if "dpo" in c.methods else ():
-                if run := self.cached(f"dpo-beta{beta}-s{seed}", ("dpo_",), lambda: self.dpo(train, val, beta, seed)):
+                if run := self.cached(f"dpo-beta{beta}-s{seed}", ("dpo_",),
+                                      lambda: self.dpo(dpo_train, val, beta, seed)):
                     self.add("DPO", f"beta={beta}", seed, run["result"], pair_acc=run["val_acc"])
             for algo in ("grpo", "rloo"):
                 for coef in c.group_kl_coefs if algo in c.methods else ():
@@ -328,6 +352,12 @@ class Frontier:
                 if run := self.cached(f"ppo-kl{coef}-s{seed}", ("ppo_",), lambda: self.ppo(
                         self.rm, coef, seed, c.ppo_steps, f"ppo-kl{coef}")):
                     self.add("PPO (reward model)", f"kl_coef={coef}", seed, run["result"])
+            for budget in c.ppo_kl_budgets if "ppo" in c.methods else ():
+                coef = c.ppo_kl_coefs[0]
+                if run := self.cached(f"ppo-kl{coef}-budget{budget}-s{seed}", ("ppo_",), lambda: self.ppo(
+                        self.rm, coef, seed, c.ppo_steps, f"ppo-kl{coef}-budget{budget}", budget)):
+                    self.add("PPO (reward model)", f"kl_coef={coef}, budget={budget:g}", seed, run["result"],
+                             steps=run.get("steps"))
             if "ppo-gold" in c.methods:
                 if run := self.cached(f"ppo-gold-s{seed}", ("ppo_",), lambda: self.ppo(
                         None, c.ppo_kl_coefs[0], seed, c.ppo_steps, "ppo-gold")):
@@ -413,6 +443,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--train", default=None, help="preference pairs to use instead of sampling them (with --val)")
     parser.add_argument("--val", default=None, help="held-out pairs (with --train)")
     parser.add_argument("--reward", default=None, help="a trained reward model to use instead of training one")
+    parser.add_argument("--dpo-train", default=None, help="pairs DPO learns from (default: the task's sampled pairs "
+                        "when it mixed in real text, else the reward model's)")
     parser.add_argument("--quick", action="store_true", help="a first look: " + ", ".join(
         f"{k}={v}" for k, v in QUICK.items()))
     parser.add_argument("--verbose", action="store_true", help="progress bars of every run")
@@ -440,7 +472,7 @@ def main(argv=None) -> dict:
         parser.error("--train and --val go together")
     return Frontier(args.init, load_corpus(args.data, data_dir=args.data_dir), out, cfg, quiet=not args.verbose,
                     pairs=(args.train, args.val) if args.train else None, reward=args.reward,
-                    report_only=args.report_only).run()
+                    report_only=args.report_only, dpo_pairs=args.dpo_train).run()
 
 
 if __name__ == "__main__":

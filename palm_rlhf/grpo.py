@@ -58,6 +58,8 @@ class GroupConfig(RunConfig):
     temperature: float = option(1.0, "sampling temperature of the rollouts (> 0)")
     eos_token: int | None = option(None, "token that ends a response (none: always max_new_tokens)")
     kl_coef: float = option(0.05, "weight of the KL to the reference policy")
+    kl_budget: float = option(0.0, "end the run at the first step whose rollouts' KL to the reference passes this "
+                                   "(nats per response), before learning from them (0 = off)")
     scale_rewards: str = option("batch", "divide advantages by the std of the step's rewards ('batch'), of their "
                                          "group ('group', GRPO as published) or not at all ('none', Dr. GRPO)",
                                 choices=SCALES)
@@ -81,7 +83,7 @@ class GroupConfig(RunConfig):
                 f"must divide prompts_per_iter x group_size ({self.prompts_per_iter * self.group_size})")
         require(self.temperature > 0, self, "temperature", "must be > 0")
         require(self.kl_coef >= 0, self, "kl_coef", "must be >= 0")
-        for name in ("clip_low", "clip_high", "reward_clip", "best_of"):
+        for name in ("clip_low", "clip_high", "reward_clip", "kl_budget", "best_of"):
             require(getattr(self, name) >= 0, self, name, "must be >= 0")
         require(self.eval_prompts >= 2, self, "eval_prompts", "the before/after table needs at least 2 prompts")
 
@@ -219,13 +221,14 @@ class GroupTrainer(OnlineRLTrainer):
         t0 = time.time()
         memory = self.rollout(prompts)
         t_rollout = time.time() - t0
-        stats = self.learn(memory)
+        acc = self.accelerator
+        kl = acc.reduce(memory["seq_kl"].mean().reshape(1), "mean").item()
+        stats = {} if self.over_budget(kl) else self.learn(memory)
         self.global_step += 1
-        acc, elapsed = self.accelerator, time.time() - t0
+        elapsed = time.time() - t0
         n = len(memory["sequences"]) * acc.num_processes
         groups = memory["scores"].view(-1, self.config.group_size)
-        out = {"rm_score": acc.reduce(memory["scores"].mean().reshape(1), "mean").item(),
-               "kl": acc.reduce(memory["seq_kl"].mean().reshape(1), "mean").item(),
+        out = {"rm_score": acc.reduce(memory["scores"].mean().reshape(1), "mean").item(), "kl": kl,
                "flat_groups": (groups.std(dim=1) == 0).float().mean().item(),   # groups that teach nothing
                "rewards_clipped": self.clipped_share,
                "samples_per_s": n / elapsed, "rollout_s": t_rollout, "learn_s": elapsed - t_rollout, **stats}

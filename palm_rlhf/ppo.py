@@ -54,6 +54,8 @@ class PPOConfig(RunConfig):
     adaptive_kl: bool = option(True, "adapt kl_coef toward target_kl (Ziegler et al.); off: fixed")
     target_kl: float = option(6.0, "target KL to the reference, nats per response")
     kl_horizon: int = option(10000, "horizon of the adaptive KL controller, in samples")
+    kl_budget: float = option(0.0, "end the run at the first step whose rollouts' KL to the reference passes this "
+                                   "(nats per response), before learning from them (0 = off)")
     gamma: float = option(1.0, "GAE discount")
     lam: float = option(0.95, "GAE lambda")
     ppo_epochs: int = option(4, "passes over each step's rollouts")
@@ -87,7 +89,7 @@ class PPOConfig(RunConfig):
         require(0 <= self.gamma <= 1, self, "gamma", "must lie in [0, 1]")
         require(0 <= self.lam <= 1, self, "lam", "must lie in [0, 1]")
         require(self.target_kl > 0, self, "target_kl", "must be > 0")
-        for name in ("reward_clip", "early_stop_kl", "best_of"):
+        for name in ("reward_clip", "early_stop_kl", "kl_budget", "best_of"):
             require(getattr(self, name) >= 0, self, name, "must be >= 0 (0 = off)")
         require(self.eval_prompts >= 2, self, "eval_prompts", "the before/after table needs at least 2 held-out "
                 "prompts (it reports a standard deviation over them); 64 or more give a usable estimate")
@@ -312,10 +314,10 @@ class PPOTrainer(OnlineRLTrainer):
         t0 = time.time()
         memory = self.rollout(prompts, keep_first_forward=True)
         t_rollout = time.time() - t0
-        stats = self.learn(memory)
         acc = self.accelerator
-        m = memory.action_mask.float()
         seq_kl = acc.reduce(memory.kl.sum(1).mean().reshape(1), reduction="mean").item()
+        stats = {} if self.over_budget(seq_kl) else self.learn(memory)
+        m = memory.action_mask.float()
         n = len(prompts) * acc.num_processes
         kl_coef = self.kl_ctl.kl_coef
         self.kl_ctl.update(seq_kl, n)

@@ -185,6 +185,15 @@ class OnlineRLTrainer(Trainer):
     def step(self, prompts: list[Tensor]) -> dict:
         raise NotImplementedError
 
+    def over_budget(self, kl: float) -> bool:
+        """True when this step's rollouts passed config.kl_budget: the run ends there, without learning from them
+        (the trained policy is the first one whose samples passed the budget)."""
+        budget = self.config.kl_budget
+        if budget > 0 and kl > budget:
+            self.stopped = (f"the rollouts' KL to the reference, {kl:.2f} nats per response, passed the budget of "
+                            f"{budget:g} at step {self.global_step + 1}; the run ended before learning from them")
+        return self.stopped is not None
+
     def training_step(self, step: int) -> dict:
         if self.prompts is None:
             raise ValueError(f"{type(self).__name__}.train() needs prompts: pass them as the third argument")

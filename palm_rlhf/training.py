@@ -161,6 +161,7 @@ class Trainer:
         self.sharded = False                     # FSDP: see prepare and palm_rlhf/fsdp.py
         self.metadata = dict(metadata or {})     # provenance stored in checkpoints (e.g. the CLI's input paths)
         self.global_step, self.saved_step = 0, None
+        self.stopped: str | None = None          # why the run ended before config.steps (a stage's own rule)
         self.guard = NonFiniteGuard(config.on_nonfinite, self.accelerator)
         self.last_eval: dict = {}
         self.log: MetricsLog | None = None
@@ -246,7 +247,7 @@ class Trainer:
             self.restore(path)
         start = self.global_step
         end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
-        if start >= end:
+        if start >= end or self.stopped:
             return self.nothing_to_do(start)
         self.log = MetricsLog(self.checkpoint_dir / "metrics.jsonl" if self.is_main else None, start=start)
         if cfg.log_with:
@@ -258,6 +259,9 @@ class Trainer:
         try:
             for step in range(start, end):
                 self.run_step(step, end, bar)
+                if self.stopped:
+                    end = self.global_step
+                    break
         except KeyboardInterrupt:
             bar.close()
             if self.is_main:
@@ -266,9 +270,12 @@ class Trainer:
         bar.close()
         summary = self.summarise(start, end, time.perf_counter() - t0)
         self.on_train_end(summary)
-        if end == cfg.steps and self.is_main:  # finished: the model as the ecosystem shares it
+        if self.stopped:
+            summary["stopped"] = self.stopped
+        finished = end == cfg.steps or self.stopped
+        if finished and self.is_main:  # the model as the ecosystem shares it
             summary["model"] = str(self.final_model().save(self.checkpoint_dir / "model"))
-        elif end == cfg.steps and self.sharded:
+        elif finished and self.sharded:
             self.raw_model.weights()  # the other processes' part of gathering the weights final_model() reads
         self.finish(summary)
         return summary
@@ -287,7 +294,7 @@ class Trainer:
             self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=done)
         bar.update(1)
         bar.set_postfix({k: f"{row[k]:.4g}" for k in self.progress_keys if k in row})
-        if done % self.config.checkpoint_interval == 0 or done == end:
+        if done % self.config.checkpoint_interval == 0 or done == end or self.stopped:
             self.save_checkpoint()
 
     def summarise(self, start: int, end: int, seconds: float) -> dict:
@@ -313,6 +320,8 @@ class Trainer:
             print(f"steps {summary['final_step'] - summary['steps_run']} -> {summary['final_step']} in "
                   f"{summary['seconds']:.0f}s, {summary['processes']} process(es), {summary['distributed_type']}"
                   + (f"; {self.guard.skipped} non-finite batch(es) skipped" if self.guard.skipped else ""))
+            if self.stopped:
+                print(f"ended early: {self.stopped}")
             for line in self.summary_lines(summary):
                 print(line)
             print(f"parameters sharded across {summary['processes']} processes (FSDP)" if self.sharded else
@@ -331,7 +340,10 @@ class Trainer:
         return save_plot(path, panels, title=self.stage)
 
     def nothing_to_do(self, step: int) -> dict:
-        if self.is_main:
+        if self.is_main and self.stopped:
+            print(f"{self.stage}: this run ended at step {step} in {self.checkpoint_dir} ({self.stopped}); nothing "
+                  f"to train")
+        elif self.is_main:
             print(f"{self.stage}: already at step {step} of {self.config.steps} in {self.checkpoint_dir}; nothing "
                   f"to train (raise the number of steps to continue)")
         return {"stage": self.stage, "steps_run": 0, "final_step": step, "losses": [], "history": [],
@@ -354,6 +366,7 @@ class Trainer:
                                f"({err}); resume with the settings the run was started with") from None
         torch.set_rng_state(state["rng"])
         self.global_step = self.saved_step = state["step"]
+        self.stopped = state["trainer_state"].get("stopped")
         self.load_trainer_state(state["trainer_state"])
 
     def save_checkpoint(self) -> None:
@@ -367,7 +380,8 @@ class Trainer:
                 optimizer = named_optimizer_state(self.optimizer.state_dict(), self.param_names)
             save_training_state(self.checkpoint_dir / "last.pt", stage=self.stage, step=self.global_step,
                                 model=self.raw_model, weights=weights, optimizer=optimizer,
-                                trainer_config=asdict(self.config), trainer_state=self.trainer_state(),
+                                trainer_config=asdict(self.config),
+                                trainer_state={**self.trainer_state(), "stopped": self.stopped},
                                 metadata=self.metadata)
         self.saved_step = self.global_step
         self.accelerator.wait_for_everyone()

@@ -9,7 +9,7 @@ from palm_rlhf import PaLM, PaLMConfig
 from palm_rlhf.frontier import main
 
 
-def test_frontier_runs_every_method(tmp_path, text_file):
+def test_frontier_runs_every_method(tmp_path, text_file, capsys):
     torch.manual_seed(0)
     PaLM(PaLMConfig.preset("test")).save(tmp_path / "base")
     argv = ["--init", str(tmp_path / "base"), "--data", str(text_file), "--out", str(tmp_path / "f"),
@@ -18,7 +18,7 @@ def test_frontier_runs_every_method(tmp_path, text_file):
                    "--dpo-betas", "0.1", "--dpo-steps", "2", "--seeds", "2", "--prompt-len", "8",
                    "--response-len", "8", "--lora-r", "2", "--rm-lora-r", "2", "--group-kl-coefs", "0.05",
                    "--group-steps", "1", "--group-epochs", "2", "--ilql-samples", "16", "--ilql-steps", "2",
-                   "--ilql-betas", "0", "4"]
+                   "--ilql-betas", "0", "4", "--corpus-pairs", "8", "--ppo-kl-budgets", "0.5"]
     report = main(argv)
     methods = {(r["method"], r["setting"]): r for r in report["table"]}
     assert set(m for m, _ in methods) == {"best-of-N", "PPO (reward model)", "PPO (gold reward)", "DPO", "GRPO",
@@ -27,6 +27,11 @@ def test_frontier_runs_every_method(tmp_path, text_file):
     scored = [json.loads(line) for line in (tmp_path / "f" / "data" / "scored.jsonl").read_text().splitlines()]
     assert len(scored) == 16 and all(set(r) == {"prompt", "response", "reward"} for r in scored)
     assert methods[("best-of-N", "N=1")]["kl"] == 0.0 and methods[("DPO", "beta=0.1")]["seeds"] == 2
+    assert methods[("PPO (reward model)", "kl_coef=0.05, budget=0.5")]["seeds"] == 2
+    # the reward model learns from the sampled pairs and the real-text ones, DPO from the sampled ones alone
+    lines = lambda name: len((tmp_path / "f" / "data" / name).read_text().splitlines())  # noqa: E731
+    assert lines("train.jsonl") == 32 and lines("train_sampled.jsonl") == 24
+    assert "32 training pairs, DPO's 24 from" in capsys.readouterr().out
     assert len(report["curves"]["PPO (long run, rollouts)"]) == 2
     saved = json.loads((tmp_path / "f" / "frontier.json").read_text())
     assert saved["table"] == report["table"]

@@ -1,5 +1,6 @@
 """GRPO and RLOO: advantages and loss normalisations by hand, the invariants (ratio exactly 1 on the first pass,
-KL 0 at the start), the toy 'e' task learnt by both, resume == uninterrupted through the CLI."""
+KL 0 at the start), the toy 'e' task learnt by both, resume == uninterrupted through the CLI; the KL budget of
+every online trainer (PPO too)."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from palm_rlhf import LoRAConfig, PaLM, Policy, cli
+from palm_rlhf import ActorCritic, LoRAConfig, PaLM, Policy, PPOConfig, PPOTrainer, cli
 from palm_rlhf.grpo import (GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer, clipped_surrogate, group_advantages,
                             k3_kl, token_mean)
 from palm_rlhf.utils import ConfigError
@@ -137,3 +138,31 @@ def test_rewards_outside_the_clip_stop_the_run_with_the_fix(base):  # noqa: F811
     a, b = plain.rollout(prompts(4)), offset.rollout(prompts(4))
     torch.testing.assert_close(a["advantages"], b["advantages"], atol=1e-4, rtol=1e-4)
     assert GRPOConfig().reward_clip == 0.0 and b["advantages"].abs().max() > 0
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "rloo"])
+def test_kl_budget_ends_the_run_before_learning_past_it(base, tmp_path, stage):  # noqa: F811
+    """kl_budget: the first step whose rollouts pass it learns nothing and is the last. Step 1's rollouts come from
+    the reference (KL 0), step 2's from the updated policy (KL > 1e-4), so the run ends at step 2 with the weights of
+    a 1-step run, exports the model, says why, and a resumed run has nothing left to do."""
+    def trainer(folder, **cfg):
+        torch.manual_seed(0)
+        common = dict(max_new_tokens=12, lr=1e-2, seed=0, eval_prompts=2, best_of=0, quiet=True,
+                      checkpoint_dir=str(tmp_path / folder), **cfg)
+        if stage == "ppo":
+            return PPOTrainer(ActorCritic(PaLM.load(base), lora=LoRAConfig(r=8)), count_reward, prompts(32),
+                              PPOConfig(prompts_per_iter=8, minibatch_size=4, ppo_epochs=2, **common))
+        cls, config_cls = (GRPOTrainer, GRPOConfig) if stage == "grpo" else (RLOOTrainer, RLOOConfig)
+        return cls(Policy(PaLM.load(base), lora=LoRAConfig(r=8)), count_reward, prompts(32),
+                   config_cls(prompts_per_iter=4, group_size=4, minibatch_size=8, **common))
+
+    budgeted = trainer("budget", steps=20, kl_budget=1e-4)
+    summary = budgeted.train()
+    assert summary["final_step"] == 2 and "passed the budget of 0.0001 at step 2" in summary["stopped"]
+    assert summary["history"][-1]["kl"] > 1e-4 and (tmp_path / "budget" / "model").is_dir()
+    one_step = trainer("one", steps=20, stop_after=1)
+    one_step.train()
+    for (name, a), b in zip(budgeted.raw_model.named_parameters(), one_step.raw_model.parameters()):
+        assert torch.equal(a, b), name
+    again = trainer("budget", steps=20, kl_budget=1e-4).train(resume="auto")
+    assert again["steps_run"] == 0
