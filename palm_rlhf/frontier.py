@@ -29,6 +29,7 @@ import json
 import math
 import statistics
 import time
+from itertools import product
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -67,14 +68,16 @@ class FrontierConfig:
     rm_lora_r: int = option(16, "reward-model LoRA rank")
     best_of: tuple = option((1, 2, 4, 8, 16, 32, 64), "best-of-N values")
     ppo_kl_coefs: tuple = option((0.02, 0.05, 0.2), "fixed KL coefficients of the PPO runs on the reward model")
-    ppo_kl_budgets: tuple = option((), "KL budgets (nats per response) of further PPO runs on the reward model, at "
-                                       "the first --ppo-kl-coefs: each ends at the first step whose rollouts pass it")
+    ppo_kl_budgets: tuple = option((0.0,), "KL budgets of the PPO runs on the reward model (nats per response; 0 = "
+                                           "none), each with every coefficient: a run ends at the first step whose "
+                                           "rollouts pass its budget")
     ppo_steps: int = option(40, "PPO iterations per run (with a budget: at most)")
     ppo_normalize_reward: bool = option(True, "PPO's rewards divided by their running sd after the running mean is "
                                         "taken off (a Bradley-Terry reward model's offset is arbitrary: README)")
     long_ppo_steps: int = option(80, "iterations of the one PPO run pushed past its KL budget (0 = none)")
     dpo_betas: tuple = option((0.05, 0.1, 0.3), "DPO betas")
     dpo_steps: int = option(200, "DPO steps per run")
+    dpo_lr: float = option(1e-3, "DPO learning rate (LoRA)")
     group_kl_coefs: tuple = option((0.05,), "KL coefficients of the GRPO and RLOO runs on the reward model")
     group_steps: int = option(40, "GRPO / RLOO iterations per run")
     group_epochs: int = option(4, "GRPO / RLOO passes over each step's samples (one pass barely moves: README)")
@@ -267,8 +270,9 @@ class Frontier:
         c = self.cfg
         torch.manual_seed(seed)
         policy = Policy(PaLM.load(self.init), lora=LoRAConfig(r=c.lora_r))
-        cfg = DPOConfig(steps=c.dpo_steps, batch_size=16, lr=5e-4, beta=beta, max_len=96, eval_prompts=0,
-                        eval_interval=0, seed=seed, quiet=self.quiet, checkpoint_interval=max(c.dpo_steps, 1),
+        cfg = DPOConfig(steps=c.dpo_steps, batch_size=16, lr=c.dpo_lr, warmup=20, beta=beta, max_len=96,
+                        eval_prompts=0, eval_interval=0, seed=seed, quiet=self.quiet,
+                        checkpoint_interval=max(c.dpo_steps, 1),
                         checkpoint_dir=str(self.out / "runs" / f"dpo-beta{beta}-s{seed}"))
         summary = DPOTrainer(policy, train, cfg, val=val).train()
         return {"result": self.evaluate(policy, self.rm.score, seed), "val_acc": summary.get("val_acc")}
@@ -348,16 +352,12 @@ class Frontier:
                 for beta, result in self.cached(f"ilql-s{seed}", ("ilql_",), lambda: self.ilql(seed)) or ():
                     self.add("ILQL (offline)", f"beta={beta:g}", seed, result)
         for seed in range(c.seeds if c.ppo_seeds is None else c.ppo_seeds):
-            for coef in c.ppo_kl_coefs if "ppo" in c.methods else ():
-                if run := self.cached(f"ppo-kl{coef}-s{seed}", ("ppo_",), lambda: self.ppo(
-                        self.rm, coef, seed, c.ppo_steps, f"ppo-kl{coef}")):
-                    self.add("PPO (reward model)", f"kl_coef={coef}", seed, run["result"])
-            for budget in c.ppo_kl_budgets if "ppo" in c.methods else ():
-                coef = c.ppo_kl_coefs[0]
-                if run := self.cached(f"ppo-kl{coef}-budget{budget}-s{seed}", ("ppo_",), lambda: self.ppo(
-                        self.rm, coef, seed, c.ppo_steps, f"ppo-kl{coef}-budget{budget}", budget)):
-                    self.add("PPO (reward model)", f"kl_coef={coef}, budget={budget:g}", seed, run["result"],
-                             steps=run.get("steps"))
+            for coef, budget in product(c.ppo_kl_coefs, c.ppo_kl_budgets) if "ppo" in c.methods else ():
+                name = f"ppo-kl{coef}" + (f"-budget{budget:g}" if budget else "")
+                if run := self.cached(f"{name}-s{seed}", ("ppo_",), lambda: self.ppo(
+                        self.rm, coef, seed, c.ppo_steps, name, budget)):
+                    self.add("PPO (reward model)", f"kl_coef={coef}" + (f", budget={budget:g}" if budget else ""),
+                             seed, run["result"], steps=run.get("steps"))
             if "ppo-gold" in c.methods:
                 if run := self.cached(f"ppo-gold-s{seed}", ("ppo_",), lambda: self.ppo(
                         None, c.ppo_kl_coefs[0], seed, c.ppo_steps, "ppo-gold")):

@@ -18,7 +18,7 @@ def test_frontier_runs_every_method(tmp_path, text_file, capsys):
                    "--dpo-betas", "0.1", "--dpo-steps", "2", "--seeds", "2", "--prompt-len", "8",
                    "--response-len", "8", "--lora-r", "2", "--rm-lora-r", "2", "--group-kl-coefs", "0.05",
                    "--group-steps", "1", "--group-epochs", "2", "--ilql-samples", "16", "--ilql-steps", "2",
-                   "--ilql-betas", "0", "4", "--corpus-pairs", "8", "--ppo-kl-budgets", "0.5"]
+                   "--ilql-betas", "0", "4", "--corpus-pairs", "8", "--ppo-kl-budgets", "0", "0.5"]
     report = main(argv)
     methods = {(r["method"], r["setting"]): r for r in report["table"]}
     assert set(m for m, _ in methods) == {"best-of-N", "PPO (reward model)", "PPO (gold reward)", "DPO", "GRPO",
