@@ -8,9 +8,11 @@ over-optimisation panel), from one pretrained checkpoint:
 2. One set of held-out prompts; every method's final policy answers them and is scored by the gold judge, the
    reward model (the proxy) and its KL to the reference (nats per response, from its samples):
    - best-of-N from the reference, N = 1, 2, 4, ... (the reward model picks; KL is the analytic bound);
-   - PPO against the reward model at several fixed KL coefficients, and PPO on the gold judge itself (the upper
-     reference; its scores normalised by their running mean and sd, since most are exactly 0);
-   - DPO at several betas, on the same pairs the reward model saw;
+   - PPO against the reward model at several fixed KL coefficients, each with several KL budgets (a run ends at the
+     first step whose rollouts pass its budget), and PPO on the gold judge itself (the upper reference; its scores
+     normalised by their running mean and sd, since most are exactly 0);
+   - DPO at several betas, on the pairs the reward model saw, less the real-text ones when the task mixed them in
+     (`--corpus-pairs`): DPO learns from the policy's own samples;
    - GRPO and RLOO against the reward model (no critic; 2 prompts x 8 samples per step, PPO's 16 samples);
    - ILQL, offline: trained on reference samples the gold judge scored (no sampling while training), then sampled
      at several betas (top-k 20, so even beta 0 has a KL > 0);

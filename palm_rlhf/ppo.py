@@ -31,6 +31,7 @@ from torch import Tensor
 from .config import RunConfig
 from .metrics import save_plot
 from .policy import ActorCritic
+from .reward import RewardModel
 from .judges import Judge, judge_texts
 from .rollout import OnlineRLTrainer, clip_rewards, entropy, gold_panels, response_logprobs, sample, score
 from .training import clip_gradients
@@ -67,6 +68,9 @@ class PPOConfig(RunConfig):
     reward_clip: float = option(10.0, "clip rewards to +-this, after --normalize-reward when it is on (0 = off); "
                                       "a run whose first rewards are mostly outside it stops with the fix")
     normalize_reward: bool = option(False, "normalise scores by their running mean and std")
+    dense_reward: bool = option(False, "with a summed reward model (pool sum): each response token's own score is its "
+                                       "reward, instead of the whole score at the last token (the same total, "
+                                       "credited to the tokens that earned it)")
     whiten_advantages: bool = option(True, "whiten advantages over each step's real tokens")
     early_stop_kl: float = option(0.0, "stop a step's epochs when a minibatch's approximate KL exceeds this (0 = off)")
     critic_from_reward: bool = option(False, "initialise the value head (and adapter) from the reward model, as "
@@ -215,6 +219,13 @@ class PPOTrainer(OnlineRLTrainer):
                          metadata=metadata)
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon, config.adaptive_kl)
         self.reward_moments = RunningMoments()
+        if config.dense_reward and not (isinstance(reward_model, RewardModel) and reward_model.pool == "sum"
+                                        and reward_model.num_bins is None):
+            raise ValueError("dense_reward needs a summed scalar reward model (RewardModel(pool='sum'), `train.py "
+                             "reward --pool sum`): only its score is a sum of per-token scores; got "
+                             f"{type(reward_model).__name__}" + (f" with pool={reward_model.pool!r}"
+                                                                 if isinstance(reward_model, RewardModel) else ""))
+        self.reward_model = reward_model
 
     @torch.no_grad()
     def rollout(self, prompts: list[Tensor], keep_first_forward: bool = False) -> Memory:
@@ -228,8 +239,14 @@ class PPOTrainer(OnlineRLTrainer):
         """
         cfg, acc = self.config, self.accelerator
         gen = sample(self.ac, prompts, cfg, self._generator("rollout", self.global_step), device=acc.device)
-        scores, seq, seq_mask = score(self.reward_fn, gen)
         p, action_mask = gen.prompt.shape[1], gen.mask
+        if cfg.dense_reward:
+            seq, seq_mask = gen.sequences()
+            per_token, scores = self.reward_model.token_scores(seq, seq_mask, torch.cat(
+                (torch.zeros_like(gen.prompt_mask), gen.mask), dim=1))
+            per_token = per_token[:, p:]                                # (b, t): the response tokens' own scores
+        else:
+            scores, seq, seq_mask = score(self.reward_fn, gen)
         b, t = action_mask.shape
         order = torch.randperm(b, generator=self._generator("order", self.global_step, 0)).to(seq.device)
         logprobs, values = torch.zeros(b, t, device=seq.device), torch.zeros(b, t, device=seq.device)
@@ -253,6 +270,10 @@ class PPOTrainer(OnlineRLTrainer):
             s = (s - self.reward_moments.mean) / self.reward_moments.std
         s, self.clipped_share = clip_rewards(s, cfg.reward_clip, first=self.global_step == 0)
         rewards = -self.kl_ctl.kl_coef * kl
+        if cfg.dense_reward:  # each token its own score, in the same units as s; the rest (bias, mean) at the end
+            dense = per_token * fmask / (self.reward_moments.std if cfg.normalize_reward else 1.0)
+            rewards += dense
+            s = s - dense.sum(dim=1)
         rewards[torch.arange(b, device=seq.device), action_mask.long().sum(dim=1) - 1] += s
         values = values * fmask
         advantages, returns = gae(rewards, values, action_mask, cfg.gamma, cfg.lam)

@@ -98,15 +98,17 @@ class RewardModel(Checkpointable, nn.Module):
     def weights(self) -> dict[str, Tensor]:
         return keep_scopes(self.full_state_dict(), [self.scope] if self.scope else [])  # not a shared trunk's others
 
-    def forward(self, tokens: Tensor, mask: Tensor, response_mask: Tensor) -> Tensor:
-        """tokens, mask (real tokens), response_mask (response tokens) (b, n) -> (b,) scores, or (b, num_bins)
-        logits for a rating-bin model."""
+    def hidden(self, tokens: Tensor, mask: Tensor, response_mask: Tensor) -> Tensor:
         segments = self.segment_emb(response_mask.long())
         if self.scope:
             with use_lora(self.palm, self.scope):
-                hidden = self.palm(tokens, mask=mask, return_hidden=True, extra_embed=segments)
-        else:
-            hidden = self.palm(tokens, mask=mask, return_hidden=True, extra_embed=segments)
+                return self.palm(tokens, mask=mask, return_hidden=True, extra_embed=segments)
+        return self.palm(tokens, mask=mask, return_hidden=True, extra_embed=segments)
+
+    def forward(self, tokens: Tensor, mask: Tensor, response_mask: Tensor) -> Tensor:
+        """tokens, mask (real tokens), response_mask (response tokens) (b, n) -> (b,) scores, or (b, num_bins)
+        logits for a rating-bin model."""
+        hidden = self.hidden(tokens, mask, response_mask)
         if self.pool == "sum":
             per_token = F.linear(hidden, self.head.weight) * (mask & response_mask.bool())[..., None]
             out = per_token.sum(dim=1) + self.head.bias
@@ -121,6 +123,18 @@ class RewardModel(Checkpointable, nn.Module):
         if exists(self.num_bins):
             return (out.softmax(dim=-1) * self.bin_values).sum(dim=-1)
         return out
+
+
+    @torch.no_grad()
+    def token_scores(self, tokens: Tensor, mask: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """A summed model's score split over the tokens that earned it: (b, n) per-token scores (0 off the response;
+        each depends on the tokens up to and including its own) and (b,) their sums plus the bias, i.e. score()."""
+        if self.pool != "sum" or exists(self.num_bins):
+            raise ValueError("token_scores needs a summed scalar reward model (RewardModel(pool='sum')); this one has "
+                             f"pool={self.pool!r}" + (" and rating bins" if exists(self.num_bins) else ""))
+        hidden = self.hidden(tokens, mask, response_mask)
+        per_token = F.linear(hidden, self.head.weight).squeeze(-1).float() * (mask & response_mask.bool())
+        return per_token, per_token.sum(dim=1) + self.head.bias.float()
 
 
 def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: float | Tensor = 0.0) -> Tensor:

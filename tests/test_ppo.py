@@ -279,3 +279,28 @@ def test_the_filtered_sampling_that_was_refused_gives_infinite_log_probs():
     token = 2                                      # sampled inside the top-3 before the update
     assert process_logits(before, 1.0, k=3)[0, token].isfinite()
     assert process_logits(after, 1.0, k=3)[0, token] == float("-inf")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_dense_reward_credits_the_same_total_to_the_tokens_that_earned_it(base, normalize):
+    """dense_reward: a summed reward model's per-token scores are the rewards, the rest (bias; with normalising, the
+    running mean) at the last token; per rollout the rewards add up to exactly what the sparse reward gives."""
+    from palm_rlhf import RewardModel
+    torch.manual_seed(1)
+    rm = RewardModel(PaLM.load(base), pool="sum")
+    torch.nn.init.normal_(rm.head.weight, std=0.5)
+    torch.nn.init.constant_(rm.head.bias, 0.3)
+    memories = []
+    for dense in (False, True):
+        torch.manual_seed(0)
+        trainer = PPOTrainer(ActorCritic(PaLM.load(base), lora=LoRAConfig(r=4)), rm, config=PPOConfig(
+            prompts_per_iter=8, minibatch_size=4, max_new_tokens=12, seed=0, dense_reward=dense,
+            normalize_reward=normalize, reward_clip=0))
+        memories.append(trainer.rollout(prompts(8)))
+    sparse, dense = memories
+    assert torch.equal(sparse.sequences, dense.sequences) and torch.equal(sparse.scores, dense.scores)
+    torch.testing.assert_close(dense.rewards.sum(1), sparse.rewards.sum(1), rtol=0, atol=1e-5)
+    assert (sparse.rewards[:, :-1] == 0).all() and (dense.rewards[:, :-1] != 0).float().mean() > 0.9
+    with pytest.raises(ValueError, match="summed scalar reward model"):
+        PPOTrainer(ActorCritic(PaLM.load(base), lora=LoRAConfig(r=4)), count_reward,
+                   config=PPOConfig(prompts_per_iter=8, minibatch_size=4, dense_reward=True))
