@@ -74,6 +74,10 @@ class FrontierConfig:
                                            "none), each with every coefficient: a run ends at the first step whose "
                                            "rollouts pass its budget")
     ppo_steps: int = option(40, "PPO iterations per run (with a budget: at most)")
+    ppo_lr: float = option(5e-4, "PPO learning rate (LoRA)")
+    ppo_dense_reward: bool = option(True, "PPO on the reward model credits each token its own score (PPOConfig."
+                                          "dense_reward; the frontier's reward models are summed): with the total "
+                                          "at the last token PPO barely moved the reward model's score (README)")
     ppo_normalize_reward: bool = option(True, "PPO's rewards divided by their running sd after the running mean is "
                                         "taken off (a Bradley-Terry reward model's offset is arbitrary: README)")
     long_ppo_steps: int = option(80, "iterations of the one PPO run pushed past its KL budget (0 = none)")
@@ -258,11 +262,12 @@ class Frontier:
         torch.manual_seed(seed)
         ac = ActorCritic(PaLM.load(self.init), lora=LoRAConfig(r=c.lora_r))
         reward = rm if rm is not None else judge_reward(self.judge)  # a model, or the judge as a function
-        cfg = PPOConfig(steps=steps, lr=5e-4, prompts_per_iter=16, minibatch_size=8, ppo_epochs=4,
+        cfg = PPOConfig(steps=steps, lr=c.ppo_lr, prompts_per_iter=16, minibatch_size=8, ppo_epochs=4,
                         max_new_tokens=c.response_len, kl_coef=kl_coef, adaptive_kl=False, kl_budget=kl_budget,
                         eval_prompts=2,
                         best_of=0, seed=seed, quiet=self.quiet, critic_from_reward=rm is not None,
                         normalize_reward=c.ppo_normalize_reward or rm is None,  # README says why, for each
+                        dense_reward=c.ppo_dense_reward and rm is not None and rm.pool == "sum",
                         checkpoint_interval=max(steps, 1), checkpoint_dir=str(self.out / "runs" / f"{name}-s{seed}"))
         summary = PPOTrainer(ac, reward, self.prompts, cfg, gold_fn=self.judge).train()
         result = self.evaluate(ac, reward_function(reward), seed)
