@@ -176,6 +176,7 @@ class OnlineRLTrainer(Trainer):
         self.prompts = prompt_sampler(prompts) if exists(prompts) else None
         self.gold_fn = gold_fn
         self.before: dict | None = None  # the reference policy on the held-out prompts (kept across a resume)
+        self.within_budget: list[Tensor] | None = None  # see over_budget
 
     def _generator(self, *parts) -> torch.Generator:
         """A generator that depends only on (seed, rank, parts): rollouts and shuffles survive resumption."""
@@ -186,13 +187,24 @@ class OnlineRLTrainer(Trainer):
         raise NotImplementedError
 
     def over_budget(self, kl: float) -> bool:
-        """True when this step's rollouts passed config.kl_budget: the run ends there, without learning from them
-        (the trained policy is the first one whose samples passed the budget)."""
+        """config.kl_budget: True when this step's rollouts passed it. The run then ends with the weights of the last
+        policy whose rollouts were within it (one step back: a step can move the KL by nats); otherwise those weights
+        (the trainable ones) are kept before this step learns."""
         budget = self.config.kl_budget
-        if budget > 0 and kl > budget:
-            self.stopped = (f"the rollouts' KL to the reference, {kl:.2f} nats per response, passed the budget of "
-                            f"{budget:g} at step {self.global_step + 1}; the run ended before learning from them")
-        return self.stopped is not None
+        if budget <= 0:
+            return False
+        if kl <= budget:
+            self.within_budget = [p.detach().clone() for p in self.params]
+            return False
+        kept = "the policy as it is (no earlier one of this run was measured within it)"
+        if self.within_budget is not None:
+            with torch.no_grad():
+                for p, saved in zip(self.params, self.within_budget):
+                    p.copy_(saved)
+            kept = f"the policy of step {self.global_step}, whose rollouts were within it"
+        self.stopped = (f"the rollouts' KL to the reference, {kl:.2f} nats per response, passed the budget of "
+                        f"{budget:g} at step {self.global_step + 1}; the run ended with {kept}")
+        return True
 
     def training_step(self, step: int) -> dict:
         if self.prompts is None:
