@@ -36,7 +36,8 @@ def text_file(tmp_path_factory):
     """A real-text corpus: enwik6 when it is beside the repo, else a generated English-like file (a fresh clone)."""
     if ENWIK6.is_file():
         return ENWIK6
-    words = "the of and to in is was for on that with as by at from his her an which are this be".split()
+    # a little markup among them, so that the clean-prose judge tells windows apart
+    words = "the of and to in is was for on that with as by at from his her an which are this be [[city]] {{ref}} 1905 |".split()
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, len(words), (40000,), generator=gen).tolist()
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
