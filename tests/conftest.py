@@ -37,7 +37,8 @@ def text_file(tmp_path_factory):
     if ENWIK6.is_file():
         return ENWIK6
     # a little markup among them, so that the clean-prose judge tells windows apart
-    words = "the of and to in is was for on that with as by at from his her an which are this be [[city]] {{ref}} 1905 |".split()
+    words = ("the of and to in is was for on that with as by at from his her an which are this be "
+             "[[city]] {{ref}} 1905 |").split()
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, len(words), (40000,), generator=gen).tolist()
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
