@@ -20,6 +20,12 @@ Choices, with their defaults:
   max_new_tokens), the same weight for every token whatever the length of its response; "token" (DAPO): / the
   minibatch's real tokens; "sequence" (GRPO as published): mean over each response, then over responses, which
   favours short responses' tokens. With fixed-length responses (no eos_token) the three are equal.
+- dense_reward (off by default; needs a summed reward model, `train.py reward --pool sum`): each token is credited
+  with the reward still to come from it, sum_{u >= t} r_u, where r_u is the reward model's score of token u (the
+  bias at the last token; for RLOO minus kl_coef x token u's k1 KL), and the baseline is the same sum at position t
+  averaged over the group (leave-one-out: over the others). A token is then not credited with words written before
+  it, which the sequence's single advantage does. Scores all at the last token give every position the sequence
+  reward: the sequence advantage exactly, which is how it is tested.
 
     trainer = GRPOTrainer(Policy(palm), reward, prompts, GRPOConfig(group_size=8))
     trainer.train()     # before/after table on held-out prompts, checkpoints, CHECKPOINT_DIR/model = the policy
@@ -37,7 +43,8 @@ from .config import RunConfig
 from .judges import Judge, judge_texts
 from .metrics import save_plot
 from .policy import Policy
-from .rollout import OnlineRLTrainer, clip_rewards, gold_panels, response_logprobs, sample, score
+from .rollout import (OnlineRLTrainer, clip_rewards, gold_panels, require_summed, response_logprobs, sample,
+                      score)
 from .training import clip_gradients
 from .utils import exists, option, require
 
@@ -69,6 +76,9 @@ class GroupConfig(RunConfig):
     minibatch_size: int = option(16, "responses per learning minibatch")
     clip_low: float = option(0.2, "ratio clip below 1 (1 - clip_low)")
     clip_high: float = option(0.2, "ratio clip above 1 (1 + clip_high; DAPO's clip-higher uses 0.28)")
+    dense_reward: bool = option(False, "with a summed reward model (pool sum): credit each token with the reward "
+                                       "still to come from it, baselined by the group at the same position "
+                                       "(module docstring); off: one advantage per response")
     reward_clip: float = option(0.0, "clip scores to +-this (0 = off: group advantages ignore the scores' offset and "
                                      "scale, which a clip would not)")
     eval_prompts: int = option(256, "held-out prompts for the before/after table")
@@ -116,6 +126,24 @@ def group_advantages(rewards: Tensor, group_size: int, *, leave_one_out: bool = 
     return adv.reshape(-1)
 
 
+def dense_group_advantages(rewards: Tensor, mask: Tensor, group_size: int, *, leave_one_out: bool = False,
+                           scale: str = "batch", eps: float = 1e-6) -> Tensor:
+    """(b, t) per-token rewards of responses (mask: real tokens), groups of `group_size` consecutive rows -> (b, t)
+    advantages: each token's reward-to-go minus the group's mean reward-to-go at that position (leave_one_out: the
+    others' mean), divided as group_advantages divides (by the std of the step's, or the group's, total rewards).
+    Rewards only at each response's last token give group_advantages(totals) at every token."""
+    r = rewards * mask
+    to_go = r.flip(1).cumsum(1).flip(1)                                          # sum_{u >= t} r_u
+    g = to_go.view(-1, group_size, to_go.shape[1])
+    adv = (g - g.mean(dim=1, keepdim=True)) * (group_size / (group_size - 1) if leave_one_out else 1.0)
+    totals = to_go[:, 0]
+    if scale == "group":
+        adv = adv / (totals.view(-1, group_size).std(dim=1)[:, None, None] + eps)
+    elif scale == "batch":
+        adv = adv / (totals.std() + eps)
+    return adv.reshape(to_go.shape) * mask
+
+
 def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """Per-token k3 estimate of KL(pi || pi_ref) (Schulman, http://joschu.net/blog/kl-approx.html): >= 0, unbiased."""
     d = ref_logprobs - logprobs
@@ -134,10 +162,10 @@ def token_mean(x: Tensor, mask: Tensor, loss_type: str, max_len: int) -> Tensor:
 
 def clipped_surrogate(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, clip_low: float,
                       clip_high: float) -> tuple[Tensor, Tensor]:
-    """Per-token -min(ratio * A, clip(ratio, 1 - low, 1 + high) * A) (b, t) for sequence advantages A (b,); and
-    which tokens were clipped."""
+    """Per-token -min(ratio * A, clip(ratio, 1 - low, 1 + high) * A) (b, t) for sequence advantages A (b,) or
+    per-token ones (b, t); and which tokens were clipped."""
     ratio = (logprobs - old_logprobs).exp()
-    adv = advantages[:, None]
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
     unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
     return torch.maximum(unclipped, clipped), (clipped > unclipped)
 
@@ -154,14 +182,23 @@ class GroupTrainer(OnlineRLTrainer):
                  gold_fn: Judge | None = None, accelerator=None, metadata=None):
         super().__init__(policy, reward_model, prompts, config, gold_fn=gold_fn, accelerator=accelerator,
                          metadata=metadata)
+        if self.config.dense_reward:
+            require_summed(reward_model)
+        self.reward_model = reward_model
 
     @torch.no_grad()
     def rollout(self, prompts: list[Tensor]) -> dict:
         cfg, acc = self.config, self.accelerator
         gen = sample(self.ac, prompts, cfg, self._generator("rollout", self.global_step), n=cfg.group_size,
                      device=acc.device)
-        scores, seq, seq_mask = score(self.reward_fn, gen)
         p, mask = gen.prompt.shape[1], gen.mask
+        if cfg.dense_reward:
+            seq, seq_mask = gen.sequences()
+            per_token, scores = self.reward_model.token_scores(seq, seq_mask, torch.cat(
+                (torch.zeros_like(gen.prompt_mask), mask), dim=1))
+            per_token = per_token[:, p:].float()                     # (b, t): the response tokens' own scores
+        else:
+            scores, seq, seq_mask = score(self.reward_fn, gen)
         old, ref = [], []
         for i in torch.arange(len(seq), device=seq.device).split(cfg.minibatch_size):  # the first pass's grouping
             with acc.autocast():
@@ -173,8 +210,17 @@ class GroupTrainer(OnlineRLTrainer):
         s = scores.float()
         s, self.clipped_share = clip_rewards(s, cfg.reward_clip, first=self.global_step == 0)
         rewards = s - cfg.kl_coef * seq_kl if self.kl_in_reward else s
-        advantages = group_advantages(rewards, cfg.group_size, leave_one_out=self.leave_one_out,
-                                      scale=cfg.scale_rewards)
+        if cfg.dense_reward:   # the rest of each score (bias; any clipping) at the last token, KL per token for RLOO
+            token_rewards = per_token * mask
+            last = mask.long().sum(dim=1) - 1
+            token_rewards[torch.arange(len(s), device=s.device), last] += s - token_rewards.sum(dim=1)
+            if self.kl_in_reward:
+                token_rewards = token_rewards - cfg.kl_coef * (old - ref) * mask
+            advantages = dense_group_advantages(token_rewards, mask.float(), cfg.group_size,
+                                                leave_one_out=self.leave_one_out, scale=cfg.scale_rewards)
+        else:
+            advantages = group_advantages(rewards, cfg.group_size, leave_one_out=self.leave_one_out,
+                                          scale=cfg.scale_rewards)
         return {"sequences": seq, "mask": seq_mask, "prompt_len": p, "action_mask": mask, "logprobs": old * mask,
                 "ref_logprobs": ref * mask, "advantages": advantages, "scores": scores.float(), "seq_kl": seq_kl}
 

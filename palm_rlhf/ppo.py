@@ -31,9 +31,9 @@ from torch import Tensor
 from .config import RunConfig
 from .metrics import save_plot
 from .policy import ActorCritic
-from .reward import RewardModel
 from .judges import Judge, judge_texts
-from .rollout import OnlineRLTrainer, clip_rewards, entropy, gold_panels, response_logprobs, sample, score
+from .rollout import (OnlineRLTrainer, clip_rewards, entropy, gold_panels, require_summed, response_logprobs, sample,
+                      score)
 from .training import clip_gradients
 from .utils import exists, masked_mean, masked_whiten, option, require
 
@@ -219,12 +219,8 @@ class PPOTrainer(OnlineRLTrainer):
                          metadata=metadata)
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon, config.adaptive_kl)
         self.reward_moments = RunningMoments()
-        if config.dense_reward and not (isinstance(reward_model, RewardModel) and reward_model.pool == "sum"
-                                        and reward_model.num_bins is None):
-            raise ValueError("dense_reward needs a summed scalar reward model (RewardModel(pool='sum'), `train.py "
-                             "reward --pool sum`): only its score is a sum of per-token scores; got "
-                             f"{type(reward_model).__name__}" + (f" with pool={reward_model.pool!r}"
-                                                                 if isinstance(reward_model, RewardModel) else ""))
+        if config.dense_reward:
+            require_summed(reward_model)
         self.reward_model = reward_model
 
     @torch.no_grad()

@@ -101,6 +101,15 @@ def sample(ac: Policy, prompts: list[Tensor], cfg, generator: torch.Generator, *
 
 
 @torch.no_grad()
+def require_summed(reward_model) -> None:
+    """dense_reward's precondition: a summed scalar reward model, the only one whose score is a sum of token scores."""
+    if not (isinstance(reward_model, RewardModel) and reward_model.pool == "sum" and reward_model.num_bins is None):
+        raise ValueError("dense_reward needs a summed scalar reward model (RewardModel(pool='sum'), `train.py "
+                         "reward --pool sum`): only its score is a sum of per-token scores; got "
+                         f"{type(reward_model).__name__}" + (f" with pool={reward_model.pool!r}"
+                                                             if isinstance(reward_model, RewardModel) else ""))
+
+
 def score(reward_fn: RewardFn, gen: Generation) -> tuple[Tensor, Tensor, Tensor]:
     """Reward scores (b,), sequences and their mask (b, p + t) of a Generation."""
     seq, mask = gen.sequences()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from palm_rlhf import ActorCritic, LoRAConfig, PaLM, Policy, PPOConfig, PPOTrainer, cli
-from palm_rlhf.grpo import (GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer, clipped_surrogate, group_advantages,
-                            k3_kl, token_mean)
+from palm_rlhf.grpo import (GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer, clipped_surrogate,
+                            dense_group_advantages, group_advantages, k3_kl, token_mean)
 from palm_rlhf.utils import ConfigError
 
 from test_ppo import base, count_reward, prompts  # noqa: F401  (the 'test' PaLM pretrained 40 steps; the toy task)
@@ -30,6 +30,27 @@ def test_group_advantages_by_hand():
     flat = group_advantages(torch.full((6,), 0.3), 3, scale="group")
     assert torch.equal(flat, torch.zeros(6)) and not flat.isnan().any()
     assert not group_advantages(torch.zeros(6), 3, scale="batch").isnan().any()
+
+
+def test_dense_group_advantages_by_hand():
+    """Reward-to-go per token, baselined by the group at the same position; all reward at the last token is the
+    sequence advantage at every token."""
+    r = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]])             # one group of 2: to go [3, 2, 2] and [1, 1, 0]
+    mask = torch.ones(2, 3)
+    none = torch.tensor([[1.0, 0.5, 1.0], [-1.0, -0.5, -1.0]])        # minus the position means [2, 1.5, 1]
+    torch.testing.assert_close(dense_group_advantages(r, mask, 2, scale="none"), none)
+    torch.testing.assert_close(dense_group_advantages(r, mask, 2, leave_one_out=True, scale="none"), 2 * none)
+    torch.testing.assert_close(dense_group_advantages(r, mask, 2, scale="batch"), none / (2 ** 0.5 + 1e-6))
+    totals = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
+    last = torch.zeros(8, 5)
+    last[:, -1] = totals
+    for scale in ("none", "batch", "group"):
+        for loo in (False, True):
+            seq = group_advantages(totals, 4, leave_one_out=loo, scale=scale)
+            torch.testing.assert_close(dense_group_advantages(last, torch.ones(8, 5), 4, leave_one_out=loo,
+                                                              scale=scale), seq[:, None].expand(8, 5))
+    short = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])          # the padding's rewards and advantages are 0
+    assert dense_group_advantages(torch.ones(2, 3), short, 2, scale="none")[1].eq(0).all()
 
 
 def test_loss_normalisations_by_hand():
@@ -86,6 +107,28 @@ def test_toy_task_reward_rises(base, cls, extra):  # noqa: F811
     end = trainer.evaluate_policy(held_out)
     assert end["rm_score"] > start + 0.15 and end["rm_score"] > 3 * start, (start, end)
     assert end["kl"] > 0
+
+
+@pytest.mark.parametrize("cls", [GRPOTrainer, RLOOTrainer])
+def test_dense_reward_at_the_first_token_is_the_sequence_advantage(base, cls):  # noqa: F811
+    """With a summed reward model, dense_reward's advantage of a response's first token (its reward to go is the
+    whole score) is the sequence advantage; later tokens differ. A reward that is no summed model is refused."""
+    from palm_rlhf import RewardModel
+    torch.manual_seed(1)
+    rm = RewardModel(PaLM.load(base), pool="sum")
+    torch.nn.init.normal_(rm.head.weight, std=0.5)
+    config_cls = GRPOConfig if cls is GRPOTrainer else RLOOConfig
+    trainer = cls(Policy(PaLM.load(base), lora=LoRAConfig(r=4)), rm, config=config_cls(
+        prompts_per_iter=2, group_size=4, minibatch_size=8, max_new_tokens=12, seed=0, dense_reward=True))
+    memory = trainer.rollout(prompts(2))
+    adv = memory["advantages"]
+    assert adv.shape == memory["action_mask"].shape
+    seq = group_advantages(memory["scores"], 4, leave_one_out=cls is RLOOTrainer, scale=trainer.config.scale_rewards)
+    torch.testing.assert_close(adv[:, 0], seq, rtol=1e-4, atol=1e-4)   # fresh LoRA: no KL to pay yet
+    assert not torch.allclose(adv[:, 6], seq, atol=1e-3)
+    assert trainer.learn(memory)["first_ratio_max_dev"] == 0.0
+    with pytest.raises(ValueError, match="summed scalar reward model"):
+        make(base, cls, dense_reward=True)
 
 
 def test_bad_settings_are_refused():
