@@ -13,13 +13,15 @@ over-optimisation panel), from one pretrained checkpoint:
      normalised by their running mean and sd, since most are exactly 0);
    - DPO at several betas, on the pairs the reward model saw, less the real-text ones when the task mixed them in
      (`--corpus-pairs`): DPO learns from the policy's own samples;
-   - GRPO and RLOO against the reward model (no critic; 2 prompts x 8 samples per step, PPO's 16 samples);
+   - GRPO and RLOO against the reward model (no critic; 4 prompts x 8 samples per step; with a summed reward
+     model each token is credited with the reward still to come from it, as PPO's dense reward);
    - ILQL, offline: trained on reference samples the gold judge scored (no sampling while training), then sampled
      at several betas (top-k 20, so even beta 0 has a KL > 0);
    each over several seeds (mean and spread). `--methods` runs a subset.
    Each finished run's result is kept in --out/points/; the same command run again (after a crash or Ctrl-C, or with
    more seeds or settings) reads those back and runs only what is missing; a run whose settings changed (the shared
-   ones, or its own method's) is run again.
+   ones, or its own method's) is run again. `--workers N` runs the sweep in N processes that share it (each claims
+   the next run nobody has started; the torch threads split between them), then reports as one.
 3. frontier.png (gold vs KL; proxy and gold vs sqrt(KL) for best-of-N and the longest PPO run), frontier.json and
    frontier.md (the table), in --out.
 """
@@ -29,7 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 import time
 from itertools import product
 from dataclasses import asdict, dataclass, fields, replace
@@ -84,8 +89,14 @@ class FrontierConfig:
     dpo_betas: tuple = option((0.05, 0.1, 0.3), "DPO betas")
     dpo_steps: int = option(200, "DPO steps per run")
     dpo_lr: float = option(1e-3, "DPO learning rate (LoRA)")
+    dpo_evals: int = option(1, "points along each DPO run: its policy evaluated after every dpo_steps / this steps "
+                               "(the last is the run's point; the others join the plot and table as 'DPO, along "
+                               "training')")
     group_kl_coefs: tuple = option((0.05,), "KL coefficients of the GRPO and RLOO runs on the reward model")
     group_steps: int = option(40, "GRPO / RLOO iterations per run")
+    group_prompts: int = option(4, "GRPO / RLOO prompts per iteration (each answered group-size 8 times)")
+    group_dense_reward: bool = option(True, "GRPO / RLOO on a summed reward model credit each token the reward "
+                                            "still to come from it (GroupConfig.dense_reward), as PPO's dense reward")
     group_epochs: int = option(4, "GRPO / RLOO passes over each step's samples (one pass barely moves: README)")
     group_kl_budget: float = option(0.0, "KL budget of the GRPO / RLOO runs (nats per response; 0 = none): a run "
                                          "ends at the first step whose rollouts pass it")
@@ -117,11 +128,12 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 class Frontier:
     def __init__(self, init: str, corpus: torch.Tensor, out: Path, cfg: FrontierConfig, quiet: bool = True, *,
                  pairs: tuple[str, str] | None = None, reward: str | None = None, report_only: bool = False,
-                 dpo_pairs: str | None = None):
+                 dpo_pairs: str | None = None, claim: bool = False, started: float | None = None):
         self.init, self.corpus, self.out, self.cfg, self.quiet = init, corpus, out, cfg, quiet
         self.given_pairs, self.given_reward = pairs, reward  # bring your own preference files / reward model
         self.given_dpo_pairs = dpo_pairs
         self.report_only, self.missing, self.run_seconds = report_only, [], []  # see cached()
+        self.claim, self.started = claim, started   # a worker of --workers N; when the sweep began (the parent's)
         self.judge = load_judge(cfg.judge)
         self.prompts = prompt_sampler(corpus, cfg.prompt_len)
         self.eval_set = prompt_windows(corpus, cfg.eval_prompts, cfg.prompt_len, seed=987_654)
@@ -164,11 +176,19 @@ class Frontier:
         if self.report_only:
             self.missing.append(name)
             return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        claim = path.with_suffix(".claim")
+        if self.claim and own:   # a worker: run it only if no other worker has (the shared reference draw: never)
+            try:
+                os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return None
+        self.log(f"{name}: running")
         t0 = time.time()
         result = run()
         self.run_seconds.append(time.time() - t0)
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(json.dumps({"settings": settings, "result": result, "seconds": self.run_seconds[-1]}), path)
+        claim.unlink(missing_ok=True)
         return result
 
     # ------------------------------------------------------------------------------------------------ stages
@@ -281,8 +301,14 @@ class Frontier:
                         eval_prompts=0, eval_interval=0, seed=seed, quiet=self.quiet,
                         checkpoint_interval=max(c.dpo_steps, 1),
                         checkpoint_dir=str(self.out / "runs" / f"dpo-beta{beta}-s{seed}"))
-        summary = DPOTrainer(policy, train, cfg, val=val).train()
-        return {"result": self.evaluate(policy, self.rm.score, seed), "val_acc": summary.get("val_acc")}
+        trainer, along = DPOTrainer(policy, train, cfg, val=val), []
+        stops = sorted({max(1, round(c.dpo_steps * (i + 1) / c.dpo_evals)) for i in range(max(c.dpo_evals, 1))})
+        for i, stop in enumerate(stops):   # the same training in pieces: the data order and lr follow the step
+            trainer.config.stop_after = stop - trainer.global_step
+            summary = trainer.train()
+            result = self.evaluate(policy, self.rm.score, seed)
+            along.append({"step": stop, "result": result, "val_acc": summary.get("val_acc")})
+        return {**along[-1], "along": along[:-1]}
 
     def group(self, algo: str, kl_coef: float, seed: int) -> dict:
         """GRPO or RLOO against the reward model."""
@@ -290,7 +316,8 @@ class Frontier:
         torch.manual_seed(seed)
         policy = Policy(PaLM.load(self.init), lora=LoRAConfig(r=c.lora_r))
         config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algo == "grpo" else (RLOOConfig, RLOOTrainer)
-        cfg = config_cls(steps=c.group_steps, lr=5e-4, prompts_per_iter=2, group_size=8, minibatch_size=16,
+        cfg = config_cls(steps=c.group_steps, lr=5e-4, prompts_per_iter=c.group_prompts, group_size=8,
+                         minibatch_size=16, dense_reward=c.group_dense_reward and self.rm.pool == "sum",
                          epochs=c.group_epochs, max_new_tokens=c.response_len, kl_coef=kl_coef,
                          kl_budget=c.group_kl_budget, eval_prompts=2,
                          best_of=0, seed=seed,
@@ -333,15 +360,23 @@ class Frontier:
 
     # ------------------------------------------------------------------------------------------------ the sweep
 
-    def run(self) -> dict:
-        c, t0 = self.cfg, time.time()
+    def prepare(self) -> tuple[Path, Path, Path]:
+        """What every run shares: the pairs, the reward model, the reference draw (best-of-N and the reference's
+        level, which every gain is measured against) and ILQL's scored samples."""
         train, val = self.task()
         dpo_train = self.dpo_pairs(train)
         self.log(f"task ready: {len(load_preferences(train))} training pairs"
                  + (f", DPO's {len(load_preferences(dpo_train))} from {dpo_train}" if dpo_train != train else ""))
         self.rm = self.reward_model(train, val)
         self.log(f"reward model: held-out accuracy vs gold {self.rm_accuracy['val_gold_acc']:.1%}")
-        self.best_of_n(self.rm)   # also the reference's level, which every gain is measured against
+        self.best_of_n(self.rm)
+        if "ilql" in self.cfg.methods and not self.report_only:
+            self.ilql_data()
+        return train, val, dpo_train
+
+    def run(self) -> dict:
+        c, t0 = self.cfg, time.time()
+        train, val, dpo_train = self.prepare()
         if "best-of-n" not in c.methods:
             self.points = [p for p in self.points if p["method"] != "best-of-N" or p["setting"] == "N=1"]
             self.curves.pop("best-of-N")
@@ -350,6 +385,9 @@ class Frontier:
                 if run := self.cached(f"dpo-beta{beta}-s{seed}", ("dpo_",),
                                       lambda: self.dpo(dpo_train, val, beta, seed)):
                     self.add("DPO", f"beta={beta}", seed, run["result"], pair_acc=run["val_acc"])
+                    for point in run.get("along", ()):
+                        self.add("DPO, along training", f"beta={beta}, step {point['step']}", seed,
+                                 point["result"], pair_acc=point["val_acc"])
             for algo in ("grpo", "rloo"):
                 for coef in c.group_kl_coefs if algo in c.methods else ():
                     if result := self.cached(f"{algo}-kl{coef}-s{seed}", ("group_",),
@@ -379,7 +417,7 @@ class Frontier:
             self.log(f"--report-only: {len(self.missing)} runs not done yet, left out: {', '.join(self.missing)}")
         report = {"config": asdict(c), "init": str(self.init), "reference": self.reference,
                   "reward_model": self.rm_accuracy, "points": self.points, "table": self.table(),
-                  "curves": self.curves, "minutes": (time.time() - t0) / 60, "missing": self.missing,
+                  "curves": self.curves, "minutes": (time.time() - (self.started or t0)) / 60, "missing": self.missing,
                   "run_minutes": sum(x for x in self.run_seconds if x is not None) / 60,
                   "runs_without_time": sum(x is None for x in self.run_seconds)}
         atomic_write_text(json.dumps(report, indent=1), self.out / "frontier.json")
@@ -457,6 +495,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--verbose", action="store_true", help="progress bars of every run")
     parser.add_argument("--report-only", action="store_true", help="run nothing: the table, plot and files from the "
                         "runs already done in --out (the others are listed as missing)")
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the sweep (the torch threads "
+                        "split between them): on a 2-core CPU 2 runs two single-threaded runs at a time")
+    parser.add_argument("--claim", action="store_true", help=argparse.SUPPRESS)   # a worker of --workers
     for f in fields(FrontierConfig):
         kind = int if f.default is None else type(f.default)
         if f.name == "methods":
@@ -477,9 +518,43 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if (args.train is None) != (args.val is None):
         parser.error("--train and --val go together")
-    return Frontier(args.init, load_corpus(args.data, data_dir=args.data_dir), out, cfg, quiet=not args.verbose,
-                    pairs=(args.train, args.val) if args.train else None, reward=args.reward,
-                    report_only=args.report_only, dpo_pairs=args.dpo_train).run()
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    started = time.time()
+    frontier = lambda **kw: Frontier(  # noqa: E731
+        args.init, load_corpus(args.data, data_dir=args.data_dir), out, cfg, quiet=not args.verbose,
+        pairs=(args.train, args.val) if args.train else None, reward=args.reward, dpo_pairs=args.dpo_train, **kw)
+    if args.workers == 1 or args.report_only or args.claim:
+        return frontier(report_only=args.report_only, claim=args.claim).run()
+    frontier().prepare()   # what every run shares, once, before the workers start
+    run_workers(out, [a for a in (sys.argv[1:] if argv is None else argv)], args.workers)
+    return frontier(report_only=True, started=started).run()
+
+
+def run_workers(out: Path, argv: list[str], n: int) -> None:
+    """n processes of this command (less --workers) claim the sweep's runs one at a time; logs in out/worker-I.log."""
+    argv = [a for i, a in enumerate(argv) if not (a.startswith("--workers") or i and argv[i - 1] == "--workers")]
+    argv.append("--claim")
+    for stale in (out / "points").glob("*.claim"):   # claims of a sweep that was killed
+        stale.unlink()
+    threads = str(max(1, (os.cpu_count() or 1) // n))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    procs = []
+    for w in range(n):
+        with open(out / f"worker-{w}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "palm_rlhf.frontier", *argv], stdout=log,
+                                          stderr=subprocess.STDOUT, env=env))
+    print(f"[frontier] {n} workers ({threads} thread(s) each); logs in {out}/worker-*.log", flush=True)
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        raise
+    for w, code in enumerate(codes):
+        if code:
+            print(f"[frontier] worker {w} failed (exit {code}): see {out}/worker-{w}.log; its runs are missing below "
+                  "and the same command runs them again", flush=True)
 
 
 if __name__ == "__main__":

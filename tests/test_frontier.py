@@ -56,7 +56,34 @@ def test_frontier_runs_every_method(tmp_path, text_file, capsys):
                   "--judge", "prose", "--eval-prompts", "4", "--train", str(given / "data" / "train.jsonl"),
                   "--val", str(given / "data" / "val.jsonl"), "--reward", str(given / "reward" / "model"),
                   "--best-of", "1", "--ppo-kl-coefs", "0.05", "--ppo-steps", "1", "--long-ppo-steps", "0",
-                  "--dpo-betas", "0.1", "--dpo-steps", "1", "--seeds", "1", "--prompt-len", "8", "--response-len", "8",
-                  "--lora-r", "2", "--methods", "dpo"])
+                  "--dpo-betas", "0.1", "--dpo-steps", "2", "--dpo-evals", "2", "--seeds", "1", "--prompt-len", "8",
+                  "--response-len", "8", "--lora-r", "2", "--methods", "dpo",
+                  "--dpo-train", str(given / "data" / "train_sampled.jsonl")])
     assert again["reward_model"] == report["reward_model"] and not (tmp_path / "g" / "reward").exists()
-    assert {r["method"] for r in again["table"]} == {"best-of-N", "DPO"}     # only DPO (and the reference, N=1)
+    assert {r["method"] for r in again["table"]} == {"best-of-N", "DPO", "DPO, along training"}  # and the reference
+    assert {r["setting"] for r in again["table"] if r["method"] == "DPO, along training"} == {"beta=0.1, step 1"}
+    # evaluated along the way, the run trains the same policy as the unbroken run of the first sweep (seed 0)
+    first, pieces = ([p for p in r["points"] if p["method"] == "DPO" and p["seed"] == 0][0] for r in (report, again))
+    assert (pieces["gold"], pieces["kl"], pieces["samples"]) == (first["gold"], first["kl"], first["samples"])
+
+
+def test_workers_share_the_sweep_and_report_it_as_one(tmp_path, text_file):
+    """--workers 2: two processes claim the runs between them, each run is done once, the parent reports them all."""
+    torch.manual_seed(0)
+    PaLM(PaLMConfig.preset("test")).save(tmp_path / "base")
+    out = tmp_path / "f"
+    (out / "points").mkdir(parents=True)
+    (out / "points" / "dpo-beta0.1-s0.claim").touch()     # left by a sweep that was killed: not a live claim
+    report = main(["--init", str(tmp_path / "base"), "--data", str(text_file), "--out", str(out), "--judge", "prose",
+                   "--eval-prompts", "4", "--pairs", "24", "--val-pairs", "4", "--rm-steps", "2", "--best-of", "1",
+                   "--dpo-betas", "0.1", "--dpo-steps", "2", "--seeds", "2", "--prompt-len", "8", "--response-len", "8",
+                   "--lora-r", "2", "--rm-lora-r", "2", "--group-kl-coefs", "0.05", "--group-steps", "1",
+                   "--group-prompts", "2", "--methods", "dpo", "grpo", "--workers", "2"])
+    seeds = {r["method"]: r["seeds"] for r in report["table"]}
+    assert seeds == {"best-of-N": 1, "DPO": 2, "GRPO": 2} and report["missing"] == []
+    assert sorted(p.name for p in (out / "points").iterdir()) == [
+        "dpo-beta0.1-s0.json", "dpo-beta0.1-s1.json", "grpo-kl0.05-s0.json", "grpo-kl0.05-s1.json",
+        "reference-1-samples.json"]
+    logs = [(out / f"worker-{w}.log").read_text() for w in (0, 1)]
+    ran = sorted(line.split("] ")[1] for log in logs for line in log.splitlines() if line.endswith(": running"))
+    assert ran == [f"{n}: running" for n in ("dpo-beta0.1-s0", "dpo-beta0.1-s1", "grpo-kl0.05-s0", "grpo-kl0.05-s1")]
