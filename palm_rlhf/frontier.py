@@ -12,7 +12,7 @@ over-optimisation panel), from one pretrained checkpoint:
      first step whose rollouts pass its budget), and PPO on the gold judge itself (the upper reference; its scores
      normalised by their running mean and sd, since most are exactly 0);
    - DPO at several betas, on the pairs the reward model saw, less the real-text ones when the task mixed them in
-     (`--corpus-pairs`): DPO learns from the policy's own samples;
+     (`--corpus-pairs`): DPO learns from the policy's own samples; `--dpo-evals K` adds K - 1 points along each run;
    - GRPO and RLOO against the reward model (no critic; 4 prompts x 8 samples per step; with a summed reward
      model each token is credited with the reward still to come from it, as PPO's dense reward);
    - ILQL, offline: trained on reference samples the gold judge scored (no sampling while training), then sampled
