@@ -303,7 +303,7 @@ class Frontier:
                         checkpoint_dir=str(self.out / "runs" / f"dpo-beta{beta}-s{seed}"))
         trainer, along = DPOTrainer(policy, train, cfg, val=val), []
         stops = sorted({max(1, round(c.dpo_steps * (i + 1) / c.dpo_evals)) for i in range(max(c.dpo_evals, 1))})
-        for i, stop in enumerate(stops):   # the same training in pieces: the data order and lr follow the step
+        for stop in stops:   # the same training in pieces: the data order and lr follow the step
             trainer.config.stop_after = stop - trainer.global_step
             summary = trainer.train()
             result = self.evaluate(policy, self.rm.score, seed)
