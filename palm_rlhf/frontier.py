@@ -521,8 +521,9 @@ def main(argv=None) -> dict:
     if args.workers < 1:
         parser.error("--workers must be >= 1")
     started = time.time()
+    corpus = load_corpus(args.data, data_dir=args.data_dir)
     frontier = lambda **kw: Frontier(  # noqa: E731
-        args.init, load_corpus(args.data, data_dir=args.data_dir), out, cfg, quiet=not args.verbose,
+        args.init, corpus, out, cfg, quiet=not args.verbose,
         pairs=(args.train, args.val) if args.train else None, reward=args.reward, dpo_pairs=args.dpo_train, **kw)
     if args.workers == 1 or args.report_only or args.claim:
         return frontier(report_only=args.report_only, claim=args.claim).run()
