@@ -89,6 +89,7 @@ class Checkpointable:
 
     @classmethod
     def load(cls, path: str | os.PathLike):
+        """The model in `path`, in eval mode (dropout off); trainers switch to training mode themselves."""
         config, weights = read_model(path)
         return cls.from_file(config, weights, str(path))
 
@@ -99,7 +100,7 @@ class Checkpointable:
                              f"palm_rlhf.load(path) or {MODEL_KINDS[config['kind']].__name__}.load(path)")
         obj = cls.from_config_dict(config)
         obj.load_weights(weights, source)
-        return obj
+        return obj.eval()
 
 
 def load(path: str | os.PathLike):

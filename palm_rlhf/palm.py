@@ -45,6 +45,8 @@ class PaLMConfig:
     xpos: bool = False             # length-extrapolatable rotary (xPos)
     xpos_scale_base: int = 512
     qk_norm: bool = False          # LayerNorm on q and k per head (stabilises large learning rates)
+    token_shift: bool = True       # half of each block's normed input comes from the previous real token
+    dropout: float = 0.1           # on the embeddings and each block's residual branch, in training mode only
     attn_backend: str = "auto"     # see palm_rlhf.attention
 
     def __post_init__(self):
@@ -55,6 +57,8 @@ class PaLMConfig:
             raise ValueError(f"PaLMConfig.heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if self.dim_head % 2 != 0:
             raise ValueError(f"PaLMConfig.dim_head must be even for rotary embeddings, got {self.dim_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"PaLMConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"PaLMConfig.attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
 
@@ -68,6 +72,7 @@ class PaLMConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "PaLMConfig":
         known = {f.name for f in fields(cls)}
+        d = {**LEGACY_DEFAULTS, **d}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown PaLMConfig fields {sorted(unknown)}; known fields are {sorted(known)}")
@@ -79,6 +84,9 @@ class PaLMConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+
+# fields a file written before they existed lacks, with the value that model was built with
+LEGACY_DEFAULTS = {"token_shift": False, "dropout": 0.0}
 
 PRESETS = {
     "test": dict(dim=32, depth=2, heads=4, dim_head=8, max_seq_len=128),                # unit tests
@@ -166,6 +174,35 @@ class SwiGLU(nn.Module):
         return F.silu(gate) * x
 
 
+def shift_tokens(h: Tensor, mask: Tensor | None = None, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Token shift (RWKV, arXiv 2305.13048; x-transformers' shift_tokens): h (b, n, dim) with its last
+    dim - dim // 2 channels replaced by those of the previous real token, so every projection sees two tokens for
+    the price of one. mask (b, n): real tokens (None: all); state (b, c): those channels of the last real token
+    before this chunk (a KV cache's; None: zeros, the start of a sequence). Padding is skipped, so a padded row
+    shifts exactly like its unpadded self. Returns the shifted h and the state after the chunk."""
+    b, n, dim = h.shape
+    keep, tail = h.split((dim // 2, dim - dim // 2), dim=-1)
+    if mask is None and state is None:
+        return torch.cat((keep, F.pad(tail[:, :-1], (0, 0, 1, 0))), dim=-1), tail[:, -1]
+    seq = torch.cat((state[:, None] if exists(state) else torch.zeros_like(tail[:, :1]), tail), dim=1)
+    if mask is None:
+        return torch.cat((keep, seq[:, :-1]), dim=-1), tail[:, -1]
+    # index into seq of the last real token at or before each position (0: the state)
+    last = torch.where(mask, torch.arange(1, n + 1, device=h.device), 0).cummax(dim=1).values
+    before = F.pad(last[:, :-1], (1, 0))
+    pick = lambda idx: seq.gather(1, idx[..., None].expand(-1, -1, seq.shape[-1]))  # noqa: E731
+    return torch.cat((keep, pick(before)), dim=-1), pick(last[:, -1:])[:, 0]
+
+
+def disable_dropout(module: nn.Module) -> nn.Module:
+    """Every dropout in module set to p = 0 (in place): for training that compares one model's log-probs across
+    passes (RL's rollout against its update, a policy against its reference), which must be the same function."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return module
+
+
 class ParallelTransformerBlock(nn.Module):
     """x + attn(norm(x)) + ff(norm(x)), with q, k, v and the feedforward input from one fused projection."""
 
@@ -184,12 +221,19 @@ class ParallelTransformerBlock(nn.Module):
         self.swiglu = SwiGLU()
         self.attn_out = nn.Linear(c.heads * c.dim_head, c.dim, bias=False)
         self.ff_out = nn.Linear(c.ff_inner, c.dim, bias=False)
+        self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, x: Tensor, rotary: tuple, kv_mask: Tensor | None = None, cache=None, layer: int = 0) -> Tensor:
         c = self.config
         b, n, _ = x.shape
         h, g = c.heads, c.kv_heads
-        qk, v, ff = self.to_fused(self.norm(x)).split(self.qk_v_ff_dims, dim=-1)
+        normed = self.norm(x)
+        if c.token_shift:
+            chunk_mask, state = (cache.chunk_mask(), cache.shift[layer]) if exists(cache) else (kv_mask, None)
+            normed, state = shift_tokens(normed, chunk_mask, state)
+            if exists(cache):
+                cache.shift[layer] = state
+        qk, v, ff = self.to_fused(normed).split(self.qk_v_ff_dims, dim=-1)
         # plain views rather than einops here: this runs once per layer per decoded token
         qk = qk.view(b, n, h + g, c.dim_head).transpose(1, 2)                    # (b, h + g, n, d)
         v = v.view(b, n, g, c.dim_head).transpose(1, 2)                          # (b, g, n, d)
@@ -208,7 +252,8 @@ class ParallelTransformerBlock(nn.Module):
 
         out = attend(q, k, v, causal=True, kv_mask=kv_mask, backend=c.attn_backend)
         out = out.transpose(1, 2).reshape(b, n, c.heads * c.dim_head)           # (b, n, h * d)
-        return x + self.attn_out(out) + self.ff_out(self.swiglu(ff))
+        branch = self.attn_out(out) + self.ff_out(self.swiglu(ff))
+        return x + (self.dropout(branch) if self.training and self.dropout.p > 0 else branch)
 
     def decode(self, x: Tensor, rotation: Tensor, cache, layer: int) -> Tensor:
         """forward for one new token per row, x (b, dim), without autograd (PaLM.forward's decode step): the same
@@ -219,7 +264,13 @@ class ParallelTransformerBlock(nn.Module):
         c = self.config
         b, h, g, d = x.shape[0], c.heads, c.kv_heads, c.dim_head
         to_fused, attn_out, ff_out = decode_weights(cache, layer, self.to_fused, self.attn_out, self.ff_out)
-        fused = project(F.layer_norm(x, x.shape[-1:], self.norm.gamma), to_fused)         # (b, fused dims)
+        normed = F.layer_norm(x, x.shape[-1:], self.norm.gamma)
+        if c.token_shift:  # the previous real token's channels; this token's become the state if it is real
+            state = cache.shift[layer]
+            keep, tail = normed.split((c.dim // 2, c.dim - c.dim // 2), dim=-1)
+            normed = torch.cat((keep, state), dim=-1)
+            state.copy_(torch.where(cache.chunk_mask(), tail, state))
+        fused = project(normed, to_fused)                                                  # (b, fused dims)
         qkv = fused[:, :(h + 2 * g) * d].reshape(b, h + 2 * g, d).contiguous()            # (b, h + 2g, d)
         qk = torch.bmm(qkv[:, :h + g].float(), rotation).to(x.dtype)                      # rotary, in fp32
         k, v, bias = cache.append_one(layer, qk[:, h:], qkv[:, h + g:])                   # (b g, j, d), (b g, 1, j)
@@ -267,6 +318,7 @@ class PaLM(Checkpointable, nn.Module):
         self.config = config
         self.policy_scope: str | None = None
         self.token_emb = nn.Embedding(config.num_tokens, config.dim)
+        self.emb_dropout = nn.Dropout(config.dropout)
         self.rotary = RotaryEmbedding(config.dim_head, config.rotary_base, config.xpos, config.xpos_scale_base)
         self.layers = nn.ModuleList([ParallelTransformerBlock(config) for _ in range(config.depth)])
         self.norm = LayerNorm(config.dim)
@@ -298,7 +350,7 @@ class PaLM(Checkpointable, nn.Module):
 
     @classmethod
     def from_file(cls, config: dict, weights: dict, source: str) -> "PaLM":
-        """The policy in any palm-rlhf file: its PaLM weights with the policy's adapter (if any) merged."""
+        """The policy in any palm-rlhf file: its PaLM weights with the policy's adapter (if any) merged; eval mode."""
         policy = config.get("policy") or {"prefix": "", "scope": None}
         prefix, scope = policy["prefix"], policy["scope"]
         mine = keep_scopes({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
@@ -309,7 +361,7 @@ class PaLM(Checkpointable, nn.Module):
         model.load_weights(mine, source)
         if scope:
             merge_lora(model, scope)
-        return model
+        return model.eval()
 
     @classmethod
     def policy_of(cls, model: Checkpointable) -> "PaLM":
@@ -375,6 +427,8 @@ class PaLM(Checkpointable, nn.Module):
         x = self.token_emb(tokens.long())
         if exists(extra_embed):
             x = x + extra_embed
+        if self.training and self.emb_dropout.p > 0:
+            x = self.emb_dropout(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, rotary, kv_mask=mask, cache=cache, layer=i)
         if exists(cache):

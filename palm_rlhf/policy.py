@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .checkpoint import Checkpointable, register
 from .lora import LoRAConfig, add_trainable_lora, keep_scopes, lora_parameters, use_lora
-from .palm import PaLM, PaLMConfig
+from .palm import PaLM, PaLMConfig, disable_dropout
 from .reward import RewardModel
 
 
@@ -26,7 +26,7 @@ class Policy(Checkpointable, nn.Module):
 
     def __init__(self, palm: PaLM, *, lora: LoRAConfig = LoRAConfig(), scope: str = "policy"):
         super().__init__()
-        self.palm = palm
+        self.palm = disable_dropout(palm)  # the policy's log-probs at rollout, update and reference must agree
         self.lora_config = lora if lora.enabled else None
         self.lora = lora.enabled
         self.scope = scope

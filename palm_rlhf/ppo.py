@@ -230,8 +230,7 @@ class PPOTrainer(OnlineRLTrainer):
         keep_first_forward: the first minibatch of the first epoch runs at exactly the weights the old log-probs are
         computed with, so its forward pass here is also the learning forward pass; keep its graph in the memory and
         `learn` skips recomputing it (step() does this; it saves one of the 1 + epochs x minibatches forwards).
-        The model has no dropout, so this eval-mode pass equals a train-mode one; a fork that adds dropout should
-        switch the model to train mode for it.
+        Policy switches the PaLM's dropout off, so this eval-mode pass equals a train-mode one.
         """
         cfg, acc = self.config, self.accelerator
         gen = sample(self.ac, prompts, cfg, self._generator("rollout", self.global_step), device=acc.device)

@@ -41,6 +41,9 @@ class KVCache:
         self._layers = [(k, v, k.flatten(0, 1), v.flatten(0, 1)) for k, v in zip(self.k, self.v)]
         self._bias = torch.full((batch, config.kv_heads, 1, max_len), -torch.inf, device=device, dtype=dtype)
         self.decode_state = {}  # what PaLM.decode makes at its first step and keeps: the rotary table, weight copies
+        # token shift: each layer's shifted channels of the last real token (palm.shift_tokens' state)
+        self.shift = torch.zeros(config.depth, batch, config.dim - config.dim // 2, device=device, dtype=dtype) \
+            if getattr(config, "token_shift", False) else None
 
     def append_mask(self, mask: Tensor) -> None:
         n = mask.shape[1]
@@ -68,6 +71,10 @@ class KVCache:
         cache_k.select(2, t).copy_(k)
         cache_v.select(2, t).copy_(v)
         return flat_k[:, :t + 1], flat_v[:, :t + 1], self._bias.view(-1, 1, self.max_len)[..., :t + 1]
+
+    def chunk_mask(self) -> Tensor:
+        """(b, n): which of the tokens being appended are real (n = 1 in a decode step)."""
+        return self.mask[:, self.length:self.length + self._n]
 
     def valid_mask(self) -> Tensor:
         return self.mask[:, :self.length + self._n]

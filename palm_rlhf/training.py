@@ -254,6 +254,7 @@ class Trainer:
             self.accelerator.init_trackers(f"palm-rlhf-{self.stage}", config={
                 k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
         self.on_train_begin(start, end, resumed=exists(path))
+        self.model.train()  # dropout on (a loaded model comes in eval mode); RL stages' policies have none
         bar = tqdm(total=end, initial=start, desc=self.stage, disable=not self.is_main or cfg.quiet)
         t0 = time.perf_counter()
         try:

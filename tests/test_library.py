@@ -99,7 +99,7 @@ def test_objects_rebuild_from_their_files_alone(tmp_path):
             for name, tensor in obj.weights().items():
                 assert torch.equal(again.weights()[name], tensor), name
     torch.testing.assert_close(RewardModel.load(tmp_path / "RewardModel").score(tokens, mask, response),
-                               rm.score(tokens, mask, response))
+                               rm.eval().score(tokens, mask, response))
     # the policy inside any file: the actor's adapter merged into a plain PaLM
     policy = PaLM.load(tmp_path / "ActorCritic")
     with torch.no_grad():
@@ -152,7 +152,7 @@ def test_checkpoints_of_the_previous_format_load_as_models_and_refuse_to_resume(
     perturb(sft, 6)
     old_sft = old_format_checkpoint(tmp_path / "sft.pt", "sft", sft, args={"lora_r": 4, "lora_alpha": 16.0})
     tokens = torch.randint(0, 256, (1, 7))
-    set_lora(sft, "sft")
+    set_lora(sft.eval(), "sft")
     with torch.no_grad():
         torch.testing.assert_close(PaLM.load(old_sft)(tokens), sft(tokens), atol=1e-5, rtol=1e-5)  # merged
     trainer = RewardTrainer(RewardModel(tiny_palm(), lora=LoRAConfig(r=4)),

@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from palm_rlhf import PaLM, PaLMConfig, next_token_loss
+from palm_rlhf.lora import LoRAConfig
+from palm_rlhf.palm import shift_tokens
+from palm_rlhf.policy import Policy
 
 
 @pytest.fixture
@@ -58,9 +61,62 @@ def test_left_padding_is_invisible(model):
     torch.testing.assert_close(model(padded, mask=mask)[:, 4:], model(row), atol=1e-5, rtol=1e-5)
 
 
+def test_token_shift_by_hand():
+    """shift_tokens: the first half of the channels stay, the second half is the previous real token's (zeros, or the
+    state, before the first), padding skipped wherever it lies; the state is the last real token's half."""
+    h = torch.arange(1, 25, dtype=torch.float).view(1, 6, 4)               # token t: channels 4t+1 .. 4t+4
+    out, state = shift_tokens(h)
+    assert out[0, :, :2].tolist() == h[0, :, :2].tolist()
+    assert out[0, :, 2:].tolist() == [[0, 0], [3, 4], [7, 8], [11, 12], [15, 16], [19, 20]]
+    assert state.tolist() == [[23, 24]]
+    mask = torch.tensor([[False, True, True, False, False, True]])         # left and middle padding
+    out, state = shift_tokens(h, mask, torch.tensor([[-1.0, -2.0]]))
+    assert out[0, mask[0], 2:].tolist() == [[-1, -2], [7, 8], [11, 12]] and state.tolist() == [[23, 24]]
+    out, state = shift_tokens(h[:, :1], torch.tensor([[False]]), torch.tensor([[-1.0, -2.0]]))
+    assert state.tolist() == [[-1, -2]]                                    # a padded step keeps the state
+
+
+def test_token_shift_is_causal_and_padding_anywhere_is_invisible():
+    torch.manual_seed(0)
+    m = PaLM(PaLMConfig.preset("test", token_shift=True)).eval()
+    row = torch.randint(0, 256, (1, 12))
+    padded = torch.cat((torch.full((1, 3), 7), row[:, :5], torch.full((1, 2), 9), row[:, 5:]), dim=1)
+    mask = torch.ones_like(padded, dtype=torch.bool)
+    mask[:, :3] = mask[:, 8:10] = False
+    torch.testing.assert_close(m(padded, mask=mask)[mask], m(row)[0], atol=1e-5, rtol=1e-5)
+    changed = row.clone()                                                  # still causal
+    changed[:, 6] = (changed[:, 6] + 1) % 256
+    torch.testing.assert_close(m(row)[:, :6], m(changed)[:, :6])
+    plain = PaLM(PaLMConfig.preset("test", token_shift=False)).eval()      # the same weights, no shift
+    plain.load_state_dict(m.state_dict())
+    assert not torch.allclose(plain(row), m(row), atol=1e-3)
+
+
+def test_files_without_token_shift_or_dropout_load_as_they_were_built():
+    """A config dict written before token_shift and dropout existed describes a model without them."""
+    old = PaLMConfig.preset("test").to_dict()
+    del old["token_shift"], old["dropout"]
+    assert (PaLMConfig.from_dict(old).token_shift, PaLMConfig.from_dict(old).dropout) == (False, 0.0)
+    assert PaLMConfig.from_dict({**old, "token_shift": True}).token_shift is True
+
+
+def test_dropout_only_in_training_mode_and_policies_switch_it_off():
+    torch.manual_seed(0)
+    m = PaLM(PaLMConfig.preset("test", dropout=0.5))
+    none = PaLM(PaLMConfig.preset("test", dropout=0.0))
+    none.load_state_dict(m.state_dict())
+    tokens = torch.randint(0, 256, (2, 16))
+    assert not torch.allclose(m.train()(tokens), m(tokens))                    # a fresh mask each pass
+    torch.testing.assert_close(m.eval()(tokens), none.eval()(tokens))         # eval: the same function as p = 0
+    policy = Policy(m.train(), lora=LoRAConfig(r=0))                          # RL needs one function per weights
+    torch.testing.assert_close(policy.palm(tokens), none.eval()(tokens))
+    with pytest.raises(ValueError, match="dropout"):
+        PaLMConfig(dropout=1.0)
+
+
 def test_qk_norm_and_xpos_and_gqa_run_and_stay_causal():
     torch.manual_seed(0)
-    m = PaLM(PaLMConfig(dim=32, depth=2, heads=4, dim_head=8, kv_heads=2, qk_norm=True, xpos=True, max_seq_len=64))
+    m = PaLM(PaLMConfig(dim=32, depth=2, heads=4, dim_head=8, kv_heads=2, qk_norm=True, xpos=True, max_seq_len=64)).eval()
     tokens = torch.randint(0, 256, (2, 16))
     changed = tokens.clone()
     changed[:, -1] = (changed[:, -1] + 1) % 256

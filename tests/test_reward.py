@@ -39,7 +39,7 @@ def test_last_real_index():
 @pytest.mark.parametrize("pool", ["last", "sum"])
 def test_scores_are_padding_invariant_and_deterministic(pool):
     torch.manual_seed(0)
-    rm = RewardModel(PaLM(PaLMConfig.preset("test")), lora=LoRAConfig(r=4), pool=pool)
+    rm = RewardModel(PaLM(PaLMConfig.preset("test")), lora=LoRAConfig(r=4), pool=pool).eval()
     torch.nn.init.normal_(rm.head.weight)  # a non-trivial head
     torch.nn.init.normal_(rm.segment_emb.weight)
     items = [encode("prompt", "a response", 64), encode("p", "x", 64), encode("a long prompt here", "yes", 64)]
@@ -60,7 +60,7 @@ def test_scores_are_padding_invariant_and_deterministic(pool):
 
 def test_summed_head_is_the_sum_of_per_token_scores_over_the_response(tmp_path):
     torch.manual_seed(0)
-    rm = RewardModel(PaLM(PaLMConfig.preset("test")), lora=LoRAConfig(r=4), pool="sum")
+    rm = RewardModel(PaLM(PaLMConfig.preset("test")), lora=LoRAConfig(r=4), pool="sum").eval()
     torch.nn.init.normal_(rm.head.weight)
     torch.nn.init.normal_(rm.head.bias)
     b = collate([encode("prompt", "a response", 64), encode("p", "xy", 64)])

@@ -21,11 +21,13 @@ def ragged_prompts():
     return [torch.randint(0, 256, (n,), generator=gen) for n in (5, 1, 12, 8)]
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
-def test_cached_decode_equals_full_forward_every_position(backend):
-    """Logits from prefill + one-token decode steps == the full forward pass, every position, ragged batch."""
+@pytest.mark.parametrize("backend,shift", [("reference", False), ("sdpa", False), ("reference", True),
+                                           ("sdpa", True)])
+def test_cached_decode_equals_full_forward_every_position(backend, shift):
+    """Logits from prefill + one-token decode steps == the full forward pass, every position, ragged batch, with and
+    without token shift (whose state the cache carries from step to step)."""
     torch.manual_seed(0)
-    m = PaLM(PaLMConfig.preset("test", attn_backend=backend)).eval()
+    m = PaLM(PaLMConfig.preset("test", attn_backend=backend, token_shift=shift)).eval()
     prompt, prompt_mask = left_pad(ragged_prompts())
     gen = torch.Generator().manual_seed(1)
     cont = torch.randint(0, 256, (4, 10), generator=gen)
@@ -44,13 +46,15 @@ def test_cached_decode_equals_full_forward_every_position(backend):
 lean_decode = PaLM.decode
 
 
-@pytest.mark.parametrize("kv_heads,lora,rows", [(1, False, 4), (2, True, 4), (1, True, 1)])
-def test_lean_decode_step_equals_the_general_path(kv_heads, lora, rows, monkeypatch):
+@pytest.mark.parametrize("kv_heads,lora,rows,shift", [(1, False, 4, False), (2, True, 4, False), (1, True, 1, False),
+                                                    (1, False, 4, True), (2, True, 1, True)])
+def test_lean_decode_step_equals_the_general_path(kv_heads, lora, rows, shift, monkeypatch):
     """PaLM.decode (one token per row, no autograd) == the general forward with the same cache, for multi- and
-    grouped-query attention, a merged LoRA adapter, rows that stopped (real=False) among live ones, and one row
-    (which multiplies by transposed copies of the weights)."""
+    grouped-query attention, a merged LoRA adapter, rows that stopped (real=False) among live ones (a stopped row's
+    token-shift state must stay that of its last real token), and one row (which multiplies by transposed copies of
+    the weights)."""
     torch.manual_seed(0)
-    m = PaLM(PaLMConfig.preset("test", kv_heads=kv_heads)).eval()
+    m = PaLM(PaLMConfig.preset("test", kv_heads=kv_heads, token_shift=shift)).eval()
     if lora:
         add_lora(m, "actor", r=4)
         for layer in lora_layers(m):
