@@ -145,7 +145,8 @@ def main():
             rows.append(cells)
             payload.append(row)
             print(json.dumps(row), flush=True)
-        rows.append([batch, f"growth p {growth_exponent(args.lengths, cached):.2f}"] + [""] * (len(rows[-1]) - 2))
+        if len(set(args.lengths)) > 1:  # how time grows with length needs two lengths
+            rows.append([batch, f"growth p {growth_exponent(args.lengths, cached):.2f}"] + [""] * (len(rows[-1]) - 2))
     header = ["batch", "new tokens", "tokens/s", "of peak limit", "of decode-product limit"]
     if args.against:
         header += ["--against tokens/s", "ours vs --against"]
