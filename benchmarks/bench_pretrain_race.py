@@ -12,8 +12,8 @@ every --curve-every seconds, for the plot) a run is scored on the same 64 held-o
 
 Optimisers (--optims): adamw = ours (AdamW lr 1e-3, betas 0.9/0.95, 100 warm-up steps, then constant, clip 1.0);
 anchor = the anchor's train.py (Lion lr 1e-4, betas 0.9/0.99, constant, clip 1.0 here), needs `lion-pytorch`.
-Runs (--runs): `ours` (this checkout's defaults), `ours:NAME` (our model re-initialised by INITS[NAME] below, for the
-ablation), `anchor` (needs --anchor-path, see bench_ppo.py for the install line).
+Runs (--runs): `ours` (this checkout's defaults), `ours:NAME` (our model re-initialised by INITS[NAME] below, or
+built with the architecture switch CONFIGS[NAME], for the ablation), `anchor` (needs --anchor-path, see bench_ppo.py for the install line).
 """
 
 from __future__ import annotations
@@ -80,6 +80,9 @@ def init_zero_out(model):
 
 INITS = {"gpt2": init_gpt2, "torch": init_torch_default, "fanin": init_fan_in, "palm": init_palm,
          "zero": init_zero_out}
+# architecture switches (PaLMConfig fields), each alone against this checkout's defaults
+CONFIGS = {"plain": dict(token_shift=False, dropout=0.0), "shift": dict(token_shift=True, dropout=0.0),
+           "drop": dict(token_shift=False, dropout=0.1), "shift_drop": dict(token_shift=True, dropout=0.1)}
 
 
 def build(run: str, seq_len: int, anchor_path: str | None):
@@ -91,8 +94,11 @@ def build(run: str, seq_len: int, anchor_path: str | None):
         model = AnchorPaLM(num_tokens=256, flash_attn=True, **SIZE)
         return model, lambda x: model(x)
     from palm_rlhf import PaLM, PaLMConfig
-    model = PaLM(PaLMConfig(**SIZE, max_seq_len=seq_len))
-    scale = INITS[run.split(":", 1)[1]](model) if ":" in run else None
+    variant = run.split(":", 1)[1] if ":" in run else None
+    model = PaLM(PaLMConfig(**SIZE, max_seq_len=seq_len, **CONFIGS.get(variant, {})))
+    if variant and variant not in INITS and variant not in CONFIGS:
+        raise SystemExit(f"unknown run {run!r}: after 'ours:' give one of {sorted(INITS) + sorted(CONFIGS)}")
+    scale = INITS[variant](model) if variant in INITS else None
     if scale:
         return model, lambda x: model.to_logits(model(x, return_hidden=True)) * scale
     return model, lambda x: model(x)
@@ -137,9 +143,10 @@ class Runner:
         self.clock += time.perf_counter() - t
 
     @torch.no_grad()
-    def bpc(self) -> float:
+    def bpc(self, windows=None) -> float:
         self.model.eval()
-        losses = [F.cross_entropy(self.logits(w[:, :-1]).transpose(1, 2), w[:, 1:]) for w in self.val.split(16)]
+        windows = self.val if windows is None else windows
+        losses = [F.cross_entropy(self.logits(w[:, :-1]).transpose(1, 2), w[:, 1:]) for w in windows.split(16)]
         return float(torch.stack(losses).mean()) / math.log(2)
 
 
@@ -168,6 +175,8 @@ def main():
     g = torch.Generator().manual_seed(1234)
     starts = torch.randint(0, len(val) - args.seq_len - 1, (64,), generator=g)
     val = torch.stack([val[s:s + args.seq_len + 1] for s in starts.tolist()]).long()
+    starts = torch.randint(0, len(train) - args.seq_len - 1, (64,), generator=g)   # seen in training, for the gap
+    train_windows = torch.stack([train[s:s + args.seq_len + 1] for s in starts.tolist()]).long()
 
     runners = [Runner(r, o, args, train, val) for r in args.runs for o in args.optims]
     budgets = sorted(args.budgets)
@@ -176,7 +185,7 @@ def main():
     marks = sorted(set(budgets) | {args.curve_every * i for i in range(1, int(budgets[-1] // args.curve_every) + 1)})
     for r in runners:
         r.marks = list(marks)
-        r.curve.append((0.0, 0, r.bpc()))
+        r.curve.append((0.0, 0, r.bpc(), r.bpc(train_windows)))
     while any(r.marks for r in runners):
         for r in runners:
             if not r.marks:
@@ -185,11 +194,12 @@ def main():
             while r.marks and r.clock >= r.marks[0]:
                 mark = r.marks.pop(0)
                 bpc = r.bpc()
-                r.curve.append((r.clock, r.steps, bpc))
+                r.curve.append((r.clock, r.steps, bpc, r.bpc(train_windows)))   # the last: memorisation
                 if mark in budgets:
                     r.at[mark] = dict(bpc=bpc, steps=r.steps, seconds=r.clock,
                                       tokens_per_s=r.steps * args.batch * args.seq_len / r.clock)
-                    print(f"{r.name}: {bpc:.4f} bpc after {r.clock:.0f} s ({r.steps} steps)", flush=True)
+                    print(f"{r.name}: {bpc:.4f} bpc after {r.clock:.0f} s ({r.steps} steps; training windows "
+                          f"{r.curve[-1][3]:.4f})", flush=True)
 
     rows = [[r.name] + [r.at[b]["bpc"] for b in budgets] + [r.at[budgets[-1]]["steps"],
             r.at[budgets[-1]]["tokens_per_s"]] for r in runners]
