@@ -11,18 +11,14 @@ from palm_rlhf import LoRAConfig, PaLM, cli
 from palm_rlhf.ilql import ILQLConfig, ILQLModel, ILQLSampler, ILQLTrainer, ilql_loss
 from palm_rlhf.sampling import generate
 
-from test_ppo import prompts
+from test_ppo import pretrain_toy, prompts
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, text_file):
     """The 'test' PaLM after 40 pretraining steps (test_ppo's toy), without dropout: the toy ILQL task's margins were
     set on a base trained without it, and on the generated stand-in text a base trained with it misses them."""
-    d = tmp_path_factory.mktemp("toy")
-    cli.main(["pretrain", "--preset", "test", "--model", "dropout=0", "--data", str(text_file), "--steps", "40",
-              "--seq-len", "64", "--batch-size", "8", "--lr", "1e-2", "--eval-interval", "40", "--eval-batches", "1",
-              "--sample-interval", "0", "--checkpoint-dir", str(d), "--quiet"])
-    return d / "last.pt"
+    return pretrain_toy(tmp_path_factory, text_file, "dropout=0")
 
 
 def test_loss_terms_by_hand():

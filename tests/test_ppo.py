@@ -20,14 +20,19 @@ def count_reward(tokens, mask, response_mask):
     return hits / response_mask.float().sum(1).clamp(min=1)
 
 
+def pretrain_toy(tmp_path_factory, text_file, *model: str):
+    """The 'test' PaLM after 40 pretraining steps on real text (model: PaLMConfig overrides, KEY=VALUE)."""
+    d = tmp_path_factory.mktemp("toy")
+    cli.main(["pretrain", "--preset", "test", "--model", *model, "--data", str(text_file), "--steps", "40",
+              "--seq-len", "64", "--batch-size", "8", "--lr", "1e-2", "--eval-interval", "40", "--eval-batches", "1",
+              "--sample-interval", "0", "--checkpoint-dir", str(d), "--quiet"])
+    return d / "last.pt"
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, text_file):
-    """The 'test' PaLM after 40 pretraining steps on real text: it writes 'e' about 7% of the time."""
-    d = tmp_path_factory.mktemp("toy")
-    cli.main(["pretrain", "--preset", "test", "--data", str(text_file), "--steps", "40", "--seq-len", "64",
-                "--batch-size", "8", "--lr", "1e-2", "--eval-interval", "40", "--eval-batches", "1",
-                "--sample-interval", "0", "--checkpoint-dir", str(d), "--quiet"])
-    return d / "last.pt"
+    """The toy policy: it writes 'e' about 7% of the time."""
+    return pretrain_toy(tmp_path_factory, text_file)
 
 
 def make_trainer(base, lora_r=8, lr=1e-2, **cfg):
