@@ -13,7 +13,8 @@ every --curve-every seconds, for the plot) a run is scored on the same 64 held-o
 Optimisers (--optims): adamw = ours (AdamW lr 1e-3, betas 0.9/0.95, 100 warm-up steps, then constant, clip 1.0);
 anchor = the anchor's train.py (Lion lr 1e-4, betas 0.9/0.99, constant, clip 1.0 here), needs `lion-pytorch`.
 Runs (--runs): `ours` (this checkout's defaults), `ours:NAME` (our model re-initialised by INITS[NAME] below, or
-built with the architecture switch CONFIGS[NAME], for the ablation), `anchor` (needs --anchor-path, see bench_ppo.py for the install line).
+built with the architecture switch CONFIGS[NAME], for the ablation), `anchor` (needs --anchor-path, see bench_ppo.py
+for the install line).
 """
 
 from __future__ import annotations
@@ -95,9 +96,9 @@ def build(run: str, seq_len: int, anchor_path: str | None):
         return model, lambda x: model(x)
     from palm_rlhf import PaLM, PaLMConfig
     variant = run.split(":", 1)[1] if ":" in run else None
-    model = PaLM(PaLMConfig(**SIZE, max_seq_len=seq_len, **CONFIGS.get(variant, {})))
     if variant and variant not in INITS and variant not in CONFIGS:
         raise SystemExit(f"unknown run {run!r}: after 'ours:' give one of {sorted(INITS) + sorted(CONFIGS)}")
+    model = PaLM(PaLMConfig(**SIZE, max_seq_len=seq_len, **CONFIGS.get(variant, {})))
     scale = INITS[variant](model) if variant in INITS else None
     if scale:
         return model, lambda x: model.to_logits(model(x, return_hidden=True)) * scale

@@ -182,8 +182,6 @@ def shift_tokens(h: Tensor, mask: Tensor | None = None, state: Tensor | None = N
     shifts exactly like its unpadded self. Returns the shifted h and the state after the chunk."""
     b, n, dim = h.shape
     keep, tail = h.split((dim // 2, dim - dim // 2), dim=-1)
-    if mask is None and state is None:
-        return torch.cat((keep, F.pad(tail[:, :-1], (0, 0, 1, 0))), dim=-1), tail[:, -1]
     seq = torch.cat((state[:, None] if exists(state) else torch.zeros_like(tail[:, :1]), tail), dim=1)
     if mask is None:
         return torch.cat((keep, seq[:, :-1]), dim=-1), tail[:, -1]

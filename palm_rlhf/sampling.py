@@ -43,7 +43,7 @@ class KVCache:
         self.decode_state = {}  # what PaLM.decode makes at its first step and keeps: the rotary table, weight copies
         # token shift: each layer's shifted channels of the last real token (palm.shift_tokens' state)
         self.shift = torch.zeros(config.depth, batch, config.dim - config.dim // 2, device=device, dtype=dtype) \
-            if getattr(config, "token_shift", False) else None
+            if config.token_shift else None
 
     def append_mask(self, mask: Tensor) -> None:
         n = mask.shape[1]

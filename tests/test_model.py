@@ -116,7 +116,8 @@ def test_dropout_only_in_training_mode_and_policies_switch_it_off():
 
 def test_qk_norm_and_xpos_and_gqa_run_and_stay_causal():
     torch.manual_seed(0)
-    m = PaLM(PaLMConfig(dim=32, depth=2, heads=4, dim_head=8, kv_heads=2, qk_norm=True, xpos=True, max_seq_len=64)).eval()
+    config = PaLMConfig(dim=32, depth=2, heads=4, dim_head=8, kv_heads=2, qk_norm=True, xpos=True, max_seq_len=64)
+    m = PaLM(config).eval()
     tokens = torch.randint(0, 256, (2, 16))
     changed = tokens.clone()
     changed[:, -1] = (changed[:, -1] + 1) % 256
